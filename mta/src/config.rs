@@ -1,0 +1,637 @@
+//! The configuration file: one TOML file, strict, every key documented with
+//! its default. An empty file (or no file) is the embedded default.
+//!
+//! Values are checked while they are read (addresses, networks, durations,
+//! domains, password hashes), so a bad value is reported with the file, line
+//! and column where it stands; checks across keys use spans for the same.
+//! Each component receives only its own section.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Deserializer};
+use toml::Spanned;
+
+use crate::policy::DomainPattern;
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Name used in the greeting, EHLO reply and Received header.
+    /// Default: the host name of the machine.
+    pub hostname: Option<String>,
+    /// Queue, logs, generated certificate, admin socket. Default `./mta-data`.
+    pub data_dir: PathBuf,
+    pub smtp: SmtpConfig,
+    /// Default: no tenants (relay clients may then use any sender domain).
+    pub tenants: Vec<TenantConfig>,
+    pub dkim: DkimConfig,
+    pub spf: SpfConfig,
+    /// Default: none (the system chooses the source address).
+    pub egress: Vec<EgressConfig>,
+    pub delivery: DeliveryConfig,
+    pub dns: DnsConfig,
+    pub log: LogConfig,
+    pub metrics: MetricsConfig,
+    pub queue: QueueConfig,
+    pub admin: AdminConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            hostname: None,
+            data_dir: PathBuf::from("mta-data"),
+            smtp: SmtpConfig::default(),
+            tenants: Vec::new(),
+            dkim: DkimConfig::default(),
+            spf: SpfConfig::default(),
+            egress: Vec::new(),
+            delivery: DeliveryConfig::default(),
+            dns: DnsConfig::default(),
+            log: LogConfig::default(),
+            metrics: MetricsConfig::default(),
+            queue: QueueConfig::default(),
+            admin: AdminConfig::default(),
+        }
+    }
+}
+
+/// `[smtp]`: reception.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SmtpConfig {
+    /// Listeners offering STARTTLS. Default `["127.0.0.1:2525"]`.
+    pub listen: Vec<SocketAddr>,
+    /// Implicit-TLS listeners (port 465 style). Default `[]`.
+    pub listen_tls: Vec<SocketAddr>,
+    /// PEM certificate chain. Default: a self-signed certificate generated
+    /// into `<data_dir>/tls/` on first start.
+    pub tls_certificate: Option<Spanned<PathBuf>>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1). Set with `tls_certificate`.
+    pub tls_private_key: Option<Spanned<PathBuf>>,
+    /// Clients outside these networks get `554 5.7.1` at connect.
+    /// Default `["127.0.0.0/8", "::1/128"]`.
+    pub allowed_networks: Vec<IpNet>,
+    /// Clients in these networks may send without AUTH.
+    /// Default `["127.0.0.0/8", "::1/128"]`.
+    pub relay_networks: Vec<IpNet>,
+    /// Largest message in bytes (advertised as SIZE). Default 26214400 (25 MiB).
+    pub max_message_size: u64,
+    /// Recipients per message. Default 1000.
+    pub max_recipients: usize,
+    /// Concurrent connections in total. Default 2000.
+    pub max_connections: usize,
+    /// Concurrent connections from one IP address. Default 200.
+    pub max_connections_per_ip: usize,
+    /// Waiting for a command. Default "5m" (RFC 5321 §4.5.3.2.7).
+    #[serde(deserialize_with = "duration")]
+    pub command_timeout: Duration,
+    /// Waiting for more message content. Default "5m".
+    #[serde(deserialize_with = "duration")]
+    pub data_timeout: Duration,
+    /// The TLS handshake (STARTTLS or implicit). Default "30s".
+    #[serde(deserialize_with = "duration")]
+    pub tls_handshake_timeout: Duration,
+    /// Protocol errors before a session is closed with 421. Default 20.
+    pub max_errors: u32,
+    /// Failed AUTH attempts in one session before it is closed. Default 3.
+    pub max_auth_failures: u32,
+    /// Failed AUTH attempts from one IP address within `auth_failure_window`
+    /// before further attempts are refused with 421. Default 10.
+    pub max_auth_failures_per_ip: u32,
+    /// Default "15m".
+    #[serde(deserialize_with = "duration")]
+    pub auth_failure_window: Duration,
+    /// Wait before answering a failed AUTH (slows guessing). Default "2s".
+    #[serde(deserialize_with = "duration")]
+    pub auth_failure_delay: Duration,
+}
+
+fn loopback_nets() -> Vec<IpNet> {
+    vec![
+        "127.0.0.0/8".parse().expect("valid"),
+        "::1/128".parse().expect("valid"),
+    ]
+}
+
+impl Default for SmtpConfig {
+    fn default() -> Self {
+        SmtpConfig {
+            listen: vec!["127.0.0.1:2525".parse().expect("valid")],
+            listen_tls: Vec::new(),
+            tls_certificate: None,
+            tls_private_key: None,
+            allowed_networks: loopback_nets(),
+            relay_networks: loopback_nets(),
+            max_message_size: 26_214_400,
+            max_recipients: 1000,
+            max_connections: 2000,
+            max_connections_per_ip: 200,
+            command_timeout: Duration::from_secs(300),
+            data_timeout: Duration::from_secs(300),
+            tls_handshake_timeout: Duration::from_secs(30),
+            max_errors: 20,
+            max_auth_failures: 3,
+            max_auth_failures_per_ip: 10,
+            auth_failure_window: Duration::from_secs(900),
+            auth_failure_delay: Duration::from_secs(2),
+        }
+    }
+}
+
+/// `[[tenants]]`: one customer.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    pub name: Spanned<String>,
+    /// Domains the tenant may use in MAIL FROM and From:; `*.d` for subdomains.
+    #[serde(default)]
+    pub sender_domains: Vec<DomainPattern>,
+    #[serde(default)]
+    pub users: Vec<UserConfig>,
+}
+
+/// `[[tenants.users]]`: an SMTP AUTH account of a tenant.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    pub name: Spanned<String>,
+    /// An argon2id PHC string, from `mta user hash`.
+    pub password_hash: PasswordHashString,
+}
+
+/// A validated argon2 PHC hash string.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PasswordHashString(pub String);
+
+impl fmt::Debug for PasswordHashString {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("PasswordHashString(..)")
+    }
+}
+
+impl<'de> Deserialize<'de> for PasswordHashString {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        crate::auth::check_hash_format(&s).map_err(serde::de::Error::custom)?;
+        Ok(PasswordHashString(s))
+    }
+}
+
+impl<'de> Deserialize<'de> for DomainPattern {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        DomainPattern::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// What to do with a message that no key can sign.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum UnsignedPolicy {
+    #[default]
+    Accept,
+    Reject,
+}
+
+/// `[dkim]`: signing keys (used from the DKIM issue on).
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct DkimConfig {
+    /// `"accept"` (default) or `"reject"`.
+    pub unsigned: UnsignedPolicy,
+    pub keys: Vec<DkimKeyConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum DkimAlgorithm {
+    #[serde(rename = "rsa-sha256")]
+    RsaSha256,
+    #[serde(rename = "ed25519-sha256")]
+    Ed25519Sha256,
+}
+
+/// `[[dkim.keys]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DkimKeyConfig {
+    pub domain: DomainPattern,
+    pub selector: String,
+    /// `"rsa-sha256"` or `"ed25519-sha256"`.
+    pub algorithm: DkimAlgorithm,
+    pub private_key: PathBuf,
+    /// Published but not used for new mail (key rotation). Default true.
+    #[serde(default = "yes")]
+    pub active: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// `[spf] policy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SpfPolicy {
+    Enforce,
+    #[default]
+    Warn,
+    Off,
+}
+
+/// `[spf]` (used from the SPF issue on).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SpfConfig {
+    /// `"enforce"`, `"warn"` (default) or `"off"`.
+    pub policy: SpfPolicy,
+    /// How often each domain × egress IP pair is checked again. Default "1h".
+    #[serde(deserialize_with = "duration")]
+    pub check_interval: Duration,
+}
+
+impl Default for SpfConfig {
+    fn default() -> Self {
+        SpfConfig {
+            policy: SpfPolicy::Warn,
+            check_interval: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// `[[egress]]`: a source for outbound connections (used from the delivery issue on).
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct EgressConfig {
+    /// Local IP to bind; none = the system's choice.
+    pub address: Option<IpAddr>,
+    /// EHLO name with this source; default: `hostname`.
+    pub ehlo: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OutboundTls {
+    #[default]
+    Opportunistic,
+    Required,
+    Disabled,
+}
+
+/// `[delivery]` (used from the delivery issue on).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliveryConfig {
+    /// Port of receiving MX hosts. Default 25.
+    pub port: u16,
+    /// `"opportunistic"` (default), `"required"` or `"disabled"`.
+    pub tls: OutboundTls,
+    /// `"host:port"` sends everything there; default "" (MX routing).
+    pub relay_host: String,
+    /// Default 10.
+    pub max_connections_per_destination: usize,
+    /// Default 100.
+    pub messages_per_connection: usize,
+    /// Default "5m".
+    #[serde(deserialize_with = "duration")]
+    pub retry_initial: Duration,
+    /// Default "4h".
+    #[serde(deserialize_with = "duration")]
+    pub retry_max: Duration,
+    /// Default "5d".
+    #[serde(deserialize_with = "duration")]
+    pub max_lifetime: Duration,
+    /// Send RFC 3464 DSNs for bounces and expiries. Default true.
+    pub bounces: bool,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            port: 25,
+            tls: OutboundTls::Opportunistic,
+            relay_host: String::new(),
+            max_connections_per_destination: 10,
+            messages_per_connection: 100,
+            retry_initial: Duration::from_secs(300),
+            retry_max: Duration::from_secs(4 * 3600),
+            max_lifetime: Duration::from_secs(5 * 86400),
+            bounces: true,
+        }
+    }
+}
+
+/// `[dns]`.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsConfig {
+    /// `["127.0.0.1:5353"]`; empty (default) = the system resolver.
+    pub nameservers: Vec<SocketAddr>,
+}
+
+/// `[log]`: the transaction log.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// Days to keep transaction log files. Default 30.
+    pub retention_days: u32,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig { retention_days: 30 }
+    }
+}
+
+/// `[metrics]` (served from the operations issue on).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Prometheus endpoint. Default "127.0.0.1:9465".
+    pub listen: SocketAddr,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: "127.0.0.1:9465".parse().expect("valid"),
+        }
+    }
+}
+
+/// `[queue]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueConfig {
+    /// Key for encryption at rest (used from the data-protection issue on).
+    pub encryption_key_file: Option<PathBuf>,
+    /// Memory for the store's page cache, in MiB. Default 64.
+    pub cache_mb: u64,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig {
+            encryption_key_file: None,
+            cache_mb: 64,
+        }
+    }
+}
+
+/// `[admin]`: the admin API (keys arrive with the operations issue).
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {}
+
+/// Parses durations like "30s", "5m", "4h", "5d" (humantime syntax).
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime::parse_duration(&s).map_err(|e| {
+        serde::de::Error::custom(format!(
+            "'{s}' is not a duration ({e}): write it like \"30s\", \"5m\", \"4h\" or \"5d\""
+        ))
+    })
+}
+
+/// A configuration error, located in its file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    /// 1-based line and column, when the error has a place.
+    pub at: Option<(usize, usize)>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.at {
+            Some((line, col)) => {
+                write!(f, "{}:{line}:{col}: {}", self.file.display(), self.message)
+            }
+            None => write!(f, "{}: {}", self.file.display(), self.message),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before
+        .rfind('\n')
+        .map_or(before.len(), |nl| before.len() - nl - 1)
+        + 1;
+    (line, col)
+}
+
+impl Config {
+    /// Reads and checks a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_path_buf(),
+            at: None,
+            message: format!("cannot read the config file: {e}"),
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and checks config text; `file` names it in errors.
+    pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
+        let err = |span: Option<Range<usize>>, message: String| ConfigError {
+            file: file.to_path_buf(),
+            at: span.map(|s| line_col(text, s.start)),
+            message,
+        };
+        let config: Config =
+            toml::from_str(text).map_err(|e| err(e.span(), e.message().trim().to_string()))?;
+        config.check().map_err(|(span, msg)| err(span, msg))?;
+        Ok(config)
+    }
+
+    /// Checks across keys.
+    fn check(&self) -> Result<(), (Option<Range<usize>>, String)> {
+        let s = &self.smtp;
+        match (&s.tls_certificate, &s.tls_private_key) {
+            (Some(c), None) => {
+                return Err((
+                    Some(c.span()),
+                    "tls_certificate is set but tls_private_key is not: set both, or neither for a generated self-signed certificate".into(),
+                ));
+            }
+            (None, Some(k)) => {
+                return Err((
+                    Some(k.span()),
+                    "tls_private_key is set but tls_certificate is not: set both".into(),
+                ));
+            }
+            _ => {}
+        }
+        if s.listen.is_empty() && s.listen_tls.is_empty() {
+            return Err((
+                None,
+                "[smtp] has no listener: set listen or listen_tls".into(),
+            ));
+        }
+        if s.max_message_size == 0 || s.max_recipients == 0 || s.max_connections == 0 {
+            return Err((
+                None,
+                "[smtp] max_message_size, max_recipients and max_connections must be above 0"
+                    .into(),
+            ));
+        }
+        if s.max_connections_per_ip == 0 || s.max_errors == 0 || s.max_auth_failures == 0 {
+            return Err((
+                None,
+                "[smtp] max_connections_per_ip, max_errors and max_auth_failures must be above 0"
+                    .into(),
+            ));
+        }
+        let mut tenants = HashSet::new();
+        let mut users = HashSet::new();
+        for t in &self.tenants {
+            if t.name.get_ref().trim().is_empty() {
+                return Err((Some(t.name.span()), "a tenant needs a name".into()));
+            }
+            if !tenants.insert(t.name.get_ref().as_str()) {
+                return Err((
+                    Some(t.name.span()),
+                    format!("tenant '{}' is defined twice", t.name.get_ref()),
+                ));
+            }
+            for u in &t.users {
+                if u.name.get_ref().is_empty() {
+                    return Err((Some(u.name.span()), "a user needs a name".into()));
+                }
+                if !users.insert(u.name.get_ref().as_str()) {
+                    return Err((
+                        Some(u.name.span()),
+                        format!(
+                            "user '{}' is defined twice: user names are unique across tenants",
+                            u.name.get_ref()
+                        ),
+                    ));
+                }
+            }
+        }
+        if !self.delivery.relay_host.is_empty()
+            && self
+                .delivery
+                .relay_host
+                .rsplit_once(':')
+                .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+        {
+            return Err((
+                None,
+                format!(
+                    "[delivery] relay_host '{}' is not host:port",
+                    self.delivery.relay_host
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The name we give ourselves.
+    pub fn hostname(&self) -> String {
+        self.hostname.clone().unwrap_or_else(|| {
+            gethostname::gethostname()
+                .into_string()
+                .unwrap_or_else(|_| "localhost".into())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("mta.toml"))
+    }
+
+    #[test]
+    fn an_empty_file_is_the_embedded_default() {
+        let c = parse("").unwrap();
+        assert_eq!(c.data_dir, PathBuf::from("mta-data"));
+        assert_eq!(c.smtp.listen, ["127.0.0.1:2525".parse().unwrap()]);
+        assert_eq!(c.smtp.relay_networks, loopback_nets());
+        assert_eq!(c.smtp.max_message_size, 26_214_400);
+        assert_eq!(c.metrics.listen, "127.0.0.1:9465".parse().unwrap());
+        assert_eq!(c.spf.policy, SpfPolicy::Warn);
+        assert_eq!(c.delivery.port, 25);
+    }
+
+    /// The example of DESIGN.md, which must be accepted and mean what it says.
+    #[test]
+    fn the_design_example_is_accepted() {
+        let text = include_str!("../../docs/mta.example.toml");
+        let c = parse(text).unwrap();
+        assert_eq!(c.hostname.as_deref(), Some("mta1.example.net"));
+        assert_eq!(c.smtp.listen_tls, ["0.0.0.0:465".parse().unwrap()]);
+        assert!(c.smtp.relay_networks.is_empty());
+        assert_eq!(c.tenants[0].users[0].name.get_ref(), "acme-app");
+        assert_eq!(c.dkim.unsigned, UnsignedPolicy::Reject);
+        assert_eq!(c.dkim.keys[0].algorithm, DkimAlgorithm::RsaSha256);
+        assert_eq!(c.spf.policy, SpfPolicy::Enforce);
+        assert_eq!(c.egress[0].address, Some("203.0.113.10".parse().unwrap()));
+        assert_eq!(c.delivery.max_lifetime, Duration::from_secs(5 * 86400));
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_with_their_line() {
+        let e =
+            parse("hostname = \"a\"\n\n[smtp]\nlisten = []\nmax_mesage_size = 5\n").unwrap_err();
+        assert_eq!(e.at, Some((5, 1)), "{e}");
+        assert!(e.message.contains("max_mesage_size"), "{e}");
+        assert!(e.to_string().starts_with("mta.toml:5:1: "), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_located() {
+        let e = parse("[smtp]\nallowed_networks = [\"10.0.0.0/33\"]\n").unwrap_err();
+        assert_eq!(e.at.map(|a| a.0), Some(2), "{e}");
+        let e = parse("[smtp]\ncommand_timeout = \"soon\"\n").unwrap_err();
+        assert_eq!(e.at.map(|a| a.0), Some(2), "{e}");
+        assert!(e.message.contains("\"5m\""), "{e}");
+        let e =
+            parse("[[tenants]]\nname = \"a\"\nsender_domains = [\"ok.example\", \"bad domain\"]\n")
+                .unwrap_err();
+        assert_eq!(e.at.map(|a| a.0), Some(3), "{e}");
+        let e = parse("[[tenants]]\nname = \"a\"\n[[tenants.users]]\nname = \"u\"\npassword_hash = \"hunter2\"\n").unwrap_err();
+        assert_eq!(e.at.map(|a| a.0), Some(5), "{e}");
+        assert!(e.message.contains("mta user hash"), "{e}");
+        let e = parse("[spf]\npolicy = \"strict\"\n").unwrap_err();
+        assert_eq!(e.at.map(|a| a.0), Some(2), "{e}");
+    }
+
+    #[test]
+    fn checks_across_keys_are_located() {
+        let e = parse("[smtp]\n\ntls_certificate = \"/x.pem\"\n").unwrap_err();
+        assert_eq!(e.at.map(|a| a.0), Some(3), "{e}");
+        let hash = crate::auth::hash_password("pw").unwrap();
+        let text = format!(
+            "[[tenants]]\nname = \"a\"\n[[tenants.users]]\nname = \"u\"\npassword_hash = \"{hash}\"\n[[tenants]]\nname = \"b\"\n[[tenants.users]]\nname = \"u\"\npassword_hash = \"{hash}\"\n"
+        );
+        let e = parse(&text).unwrap_err();
+        assert_eq!(e.at.map(|a| a.0), Some(9), "{e}");
+        assert!(e.message.contains("defined twice"));
+        let e = parse("[[tenants]]\nname = \"a\"\n[[tenants]]\nname = \"a\"\n").unwrap_err();
+        assert_eq!(e.at.map(|a| a.0), Some(4), "{e}");
+        let e = parse("[smtp]\nlisten = []\n").unwrap_err();
+        assert!(e.message.contains("no listener"), "{e}");
+    }
+
+    #[test]
+    fn syntax_errors_are_located() {
+        let e = parse("[smtp\n").unwrap_err();
+        assert_eq!(e.at.map(|a| a.0), Some(1), "{e}");
+    }
+}

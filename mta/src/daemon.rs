@@ -1,0 +1,240 @@
+//! Starting and stopping the daemon: open the queue (recovering it), start
+//! the transaction log, load or generate the TLS certificate, bind the
+//! listeners, and on shutdown stop accepting, let sessions finish, and
+//! close the store.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use queue::{Queue, QueueConfig, QueueError, RecoveryReport};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+
+use crate::auth::{AuthThrottle, Users};
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::log::{LogError, LogWriterGuard, TransactionLog};
+use crate::policy::{Policy, Tenant};
+use crate::server::{ConnectionLimits, Receiver, Timeouts, accept_loop};
+use crate::smtp::SessionConfig;
+use crate::tls::{self, CertSource, TlsError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot create the data directory {}: {source}", path.display())]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot open the queue: {0}")]
+    Queue(#[from] QueueError),
+    #[error(transparent)]
+    Log(#[from] LogError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("cannot listen on {addr}: {source}{hint}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+        hint: &'static str,
+    },
+}
+
+/// Where the daemon keeps things inside its data directory.
+pub fn queue_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("queue")
+}
+
+pub fn log_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("log")
+}
+
+/// A running daemon.
+pub struct Daemon {
+    /// Bound STARTTLS listeners (port 0 in the config becomes the real port).
+    pub smtp_addrs: Vec<SocketAddr>,
+    /// Bound implicit-TLS listeners.
+    pub smtps_addrs: Vec<SocketAddr>,
+    pub recovery: RecoveryReport,
+    pub certificate: Option<CertSource>,
+    shutdown: watch::Sender<bool>,
+    acceptors: Vec<JoinHandle<()>>,
+    receiver: Arc<Receiver>,
+    log_guard: LogWriterGuard,
+}
+
+impl std::fmt::Debug for Daemon {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Daemon")
+            .field("smtp_addrs", &self.smtp_addrs)
+            .field("smtps_addrs", &self.smtps_addrs)
+            .finish_non_exhaustive()
+    }
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr).await.map_err(|source| {
+        let hint = match source.kind() {
+            std::io::ErrorKind::AddrInUse => {
+                ": another program listens there (is mta already running?); change [smtp] listen"
+            }
+            std::io::ErrorKind::PermissionDenied => {
+                ": ports below 1024 need CAP_NET_BIND_SERVICE (see systemd/mta.service)"
+            }
+            _ => "",
+        };
+        StartError::Bind { addr, source, hint }
+    })
+}
+
+fn policy(config: &Config) -> Policy {
+    Policy {
+        allowed_networks: config.smtp.allowed_networks.clone(),
+        relay_networks: config.smtp.relay_networks.clone(),
+        tenants: config
+            .tenants
+            .iter()
+            .map(|t| Tenant {
+                name: t.name.get_ref().clone(),
+                sender_domains: t.sender_domains.clone(),
+            })
+            .collect(),
+    }
+}
+
+impl Daemon {
+    /// Starts everything. The data directory comes from `config.data_dir`.
+    pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> Result<Daemon, StartError> {
+        tls::install_crypto_provider();
+        let data_dir = config.data_dir.clone();
+        std::fs::create_dir_all(&data_dir).map_err(|source| StartError::DataDir {
+            path: data_dir.clone(),
+            source,
+        })?;
+        let hostname = config.hostname();
+
+        let mut qc = QueueConfig::new(queue_path(&data_dir));
+        qc.cache_capacity = config.queue.cache_mb * 1024 * 1024;
+        let (queue, recovery) = tokio::task::spawn_blocking(move || Queue::open(&qc))
+            .await
+            .expect("queue open does not panic")?;
+        tracing::info!(
+            messages = recovery.messages,
+            recipients = recovery.pending_recipients,
+            corrupt = recovery.corrupt.len(),
+            "queue recovered"
+        );
+        let (log, log_guard) = TransactionLog::open(&log_path(&data_dir))?;
+
+        let certificate = match (&config.smtp.tls_certificate, &config.smtp.tls_private_key) {
+            (Some(c), Some(k)) => CertSource {
+                certificate: c.get_ref().clone(),
+                private_key: k.get_ref().clone(),
+                generated: false,
+            },
+            _ => tls::ensure_self_signed(&data_dir, &hostname)?,
+        };
+        let acceptor = TlsAcceptor::from(tls::server_config(&certificate)?);
+
+        let policy = Arc::new(policy(config));
+        let users = Arc::new(Users::from_config(&config.tenants));
+        let s = &config.smtp;
+        let session = Arc::new(SessionConfig {
+            hostname,
+            max_message_size: s.max_message_size,
+            max_recipients: s.max_recipients,
+            max_errors: s.max_errors,
+            max_auth_failures: s.max_auth_failures,
+            starttls: true,
+            auth: !users.is_empty(),
+            policy: policy.clone(),
+        });
+        let receiver = Arc::new(Receiver {
+            session,
+            policy,
+            users,
+            throttle: AuthThrottle::new(s.max_auth_failures_per_ip, s.auth_failure_window),
+            limits: ConnectionLimits::new(s.max_connections, s.max_connections_per_ip),
+            queue,
+            log,
+            clock,
+            tls: Some(acceptor),
+            timeouts: Timeouts {
+                command: s.command_timeout,
+                data: s.data_timeout,
+                handshake: s.tls_handshake_timeout,
+                auth_failure_delay: s.auth_failure_delay,
+            },
+        });
+
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let mut acceptors = Vec::new();
+        let mut smtp_addrs = Vec::new();
+        let mut smtps_addrs = Vec::new();
+        for (addrs, implicit, bound) in [
+            (&s.listen, false, &mut smtp_addrs),
+            (&s.listen_tls, true, &mut smtps_addrs),
+        ] {
+            for addr in addrs {
+                let listener = bind(*addr).await?;
+                bound.push(listener.local_addr().unwrap_or(*addr));
+                acceptors.push(tokio::spawn(accept_loop(
+                    receiver.clone(),
+                    listener,
+                    implicit,
+                    shutdown_rx.clone(),
+                )));
+            }
+        }
+        tracing::info!(smtp = ?smtp_addrs, smtps = ?smtps_addrs, "accepting mail");
+        Ok(Daemon {
+            smtp_addrs,
+            smtps_addrs,
+            recovery,
+            certificate: Some(certificate),
+            shutdown,
+            acceptors,
+            receiver,
+            log_guard,
+        })
+    }
+
+    pub fn queue(&self) -> &Queue {
+        &self.receiver.queue
+    }
+
+    /// Open connections.
+    pub fn connections(&self) -> usize {
+        self.receiver.limits.active()
+    }
+
+    /// Stops accepting; sessions waiting for a command get `421 4.3.2`,
+    /// sessions inside a message may finish it within `grace`. Then the
+    /// store is closed and the log written out.
+    pub async fn shutdown(self, grace: Duration) {
+        let _ = self.shutdown.send(true);
+        for a in self.acceptors {
+            let _ = a.await;
+        }
+        let deadline = tokio::time::Instant::now() + grace;
+        while self.receiver.limits.active() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let left = self.receiver.limits.active();
+        if left > 0 {
+            tracing::warn!(
+                sessions = left,
+                "sessions still open at shutdown; their unfinished messages were not accepted"
+            );
+        }
+        let queue = self.receiver.queue.clone();
+        let _ = tokio::task::spawn_blocking(move || queue.sync()).await;
+        self.receiver.log.flush();
+        drop(self.receiver);
+        drop(self.log_guard);
+    }
+}

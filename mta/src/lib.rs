@@ -1,0 +1,35 @@
+//! The mta: an outbound mail transfer agent for senders of campaign mail.
+//!
+//! This crate is the daemon and its command-line tool. A marketing platform
+//! submits mail over SMTP; reception checks and stores it durably in the
+//! `queue` crate before answering 250, and writes one transaction log
+//! record per event. (DKIM signing, SPF/DMARC alignment, delivery, metrics
+//! and the admin API arrive in later issues; see ARCHITECTURE.md.)
+//!
+//! Layout, in the order data flows:
+//! - [`smtp`]: the SMTP protocol, pure (parsing, replies, content framing,
+//!   the session state machine). RFC 5321, 1870, 2920, 3030, 2034/3463,
+//!   3207, 4954, 4616, 6152, 6531.
+//! - [`server`]: the I/O edge (listeners, TLS, timeouts, limits) driving
+//!   sessions over sockets.
+//! - [`policy`], [`auth`]: who may connect, relay, authenticate, and send
+//!   as which domain.
+//! - [`reception`]: header checks and the headers we add.
+//! - [`log`]: the transaction log schema, writer and reader.
+//! - [`config`], [`tls`], [`clock`], [`daemon`], [`cli`].
+//!
+//! Trust boundary: everything a client sends is untrusted and passes
+//! through `smtp` and `policy` before anything is stored; the config file
+//! and the data directory are trusted.
+
+pub mod auth;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod daemon;
+pub mod log;
+pub mod policy;
+pub mod reception;
+pub mod server;
+pub mod smtp;
+pub mod tls;

@@ -1,0 +1,438 @@
+//! The transaction log: one JSON line per event under `<data_dir>/log/`.
+//!
+//! The record types here are the schema that the daemon writes and the
+//! CLI and tests read. Every record has `type` and `timestamp` (RFC 3339,
+//! UTC); fields that do not apply are left out, never written as null.
+//!
+//! Records are serialized and written by one thread, off the async reactor.
+//! The queue is the truth about messages; the log is written after the fact
+//! (a record may be lost in a crash, a stored state never is).
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::thread;
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::smtp::{Reply, TlsInfo};
+
+/// When something happened, serialized as RFC 3339 in UTC.
+pub type Timestamp = OffsetDateTime;
+
+/// Where a session's client is and how it is connected.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct SessionInfo {
+    pub peer_ip: String,
+    pub peer_port: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub helo: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_cipher: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth_user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+}
+
+impl SessionInfo {
+    pub fn set_tls(&mut self, tls: Option<&TlsInfo>) {
+        self.tls_version = tls.map(|t| t.version.clone());
+        self.tls_cipher = tls.map(|t| t.cipher.clone());
+    }
+}
+
+/// An SMTP reply as the log carries it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoggedReply {
+    pub code: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enhanced_code: Option<String>,
+    pub text: String,
+}
+
+impl From<&Reply> for LoggedReply {
+    fn from(r: &Reply) -> Self {
+        LoggedReply {
+            code: r.code,
+            enhanced_code: r.status.map(|s| s.to_string()),
+            text: r.text.replace('\n', " / "),
+        }
+    }
+}
+
+/// A message was accepted and is durably queued.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reception {
+    #[serde(with = "time::serde::rfc3339")]
+    pub timestamp: Timestamp,
+    pub queue_id: String,
+    #[serde(flatten)]
+    pub session: SessionInfo,
+    /// `ESMTPSA` and friends (RFC 3848).
+    pub protocol: String,
+    /// MAIL FROM; empty for `<>`.
+    pub sender: String,
+    pub recipients: Vec<String>,
+    /// Bytes stored, headers we added included.
+    pub size: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message_id: Option<String>,
+}
+
+/// A command, a message or a connection was refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rejection {
+    #[serde(with = "time::serde::rfc3339")]
+    pub timestamp: Timestamp,
+    #[serde(flatten)]
+    pub session: SessionInfo,
+    /// What was refused: `CONNECT`, `MAIL`, `RCPT`, `DATA`, `BDAT`, `AUTH`,
+    /// `TIMEOUT`, `UNKNOWN` (an unparsable line), …
+    pub command: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sender: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recipient: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recipients: Vec<String>,
+    #[serde(flatten)]
+    pub reply: LoggedReply,
+}
+
+/// A failed AUTH attempt. Never carries the password.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuthFailure {
+    #[serde(with = "time::serde::rfc3339")]
+    pub timestamp: Timestamp,
+    #[serde(flatten)]
+    pub session: SessionInfo,
+    pub mechanism: String,
+    /// The user name the client tried.
+    pub user: String,
+    /// `invalid credentials`, `address locked out`, `authorization identity refused`.
+    pub reason: String,
+    #[serde(flatten)]
+    pub reply: LoggedReply,
+}
+
+/// One transaction log record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum Record {
+    Reception(Reception),
+    Rejection(Rejection),
+    AuthFailure(AuthFailure),
+}
+
+impl Record {
+    pub fn timestamp(&self) -> Timestamp {
+        match self {
+            Record::Reception(r) => r.timestamp,
+            Record::Rejection(r) => r.timestamp,
+            Record::AuthFailure(r) => r.timestamp,
+        }
+    }
+
+    pub fn queue_id(&self) -> Option<&str> {
+        match self {
+            Record::Reception(r) => Some(&r.queue_id),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("cannot open the transaction log in {}: {source}", dir.display())]
+    Open {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}:{line}: not a transaction log record: {reason}", path.display())]
+    Parse {
+        path: PathBuf,
+        line: usize,
+        reason: String,
+    },
+}
+
+enum Msg {
+    Record(Box<Record>),
+    Flush(mpsc::SyncSender<()>),
+    /// Write out what came before and stop.
+    Close,
+}
+
+/// The writer. Cheap to clone; records from all clones go to one thread.
+#[derive(Clone)]
+pub struct TransactionLog {
+    tx: mpsc::Sender<Msg>,
+}
+
+impl std::fmt::Debug for TransactionLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TransactionLog")
+    }
+}
+
+/// Closes the log when dropped: the writer writes out what was sent before
+/// and stops, even if some `TransactionLog` clones live on (records sent
+/// through them afterwards are reported as lost).
+pub struct LogWriterGuard {
+    tx: mpsc::Sender<Msg>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Drop for LogWriterGuard {
+    fn drop(&mut self) {
+        let _ = self.tx.send(Msg::Close);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The name of the file for records of this day.
+pub fn file_name(day: time::Date) -> String {
+    format!(
+        "transactions-{:04}-{:02}-{:02}.jsonl",
+        day.year(),
+        u8::from(day.month()),
+        day.day()
+    )
+}
+
+impl TransactionLog {
+    /// Starts the writer on `dir` (created if missing). Dropping the guard
+    /// stops it.
+    pub fn open(dir: &Path) -> Result<(TransactionLog, LogWriterGuard), LogError> {
+        std::fs::create_dir_all(dir).map_err(|source| LogError::Open {
+            dir: dir.to_path_buf(),
+            source,
+        })?;
+        // Fail now, not later in the thread, if the directory is not writable.
+        let probe = dir.join(".writable");
+        File::create(&probe)
+            .and_then(|_| std::fs::remove_file(&probe))
+            .map_err(|source| LogError::Open {
+                dir: dir.to_path_buf(),
+                source,
+            })?;
+        let (tx, rx) = mpsc::channel();
+        let dir = dir.to_path_buf();
+        let thread = thread::Builder::new()
+            .name("transaction-log".into())
+            .spawn(move || writer(dir, rx))
+            .expect("spawning the log writer");
+        Ok((
+            TransactionLog { tx: tx.clone() },
+            LogWriterGuard {
+                tx,
+                thread: Some(thread),
+            },
+        ))
+    }
+
+    pub fn write(&self, record: Record) {
+        if self.tx.send(Msg::Record(Box::new(record))).is_err() {
+            tracing::error!("transaction log writer has stopped; a record was lost");
+        }
+    }
+
+    /// Waits until every record written before this call is in the file.
+    pub fn flush(&self) {
+        let (tx, rx) = mpsc::sync_channel(1);
+        if self.tx.send(Msg::Flush(tx)).is_ok() {
+            let _ = rx.recv();
+        }
+    }
+}
+
+fn writer(dir: PathBuf, rx: mpsc::Receiver<Msg>) {
+    let mut current: Option<(time::Date, BufWriter<File>)> = None;
+    let mut line = Vec::with_capacity(1024);
+    'run: while let Ok(first) = rx.recv() {
+        let mut next = Some(first);
+        while let Some(msg) = next.take() {
+            match msg {
+                Msg::Close => break 'run,
+                Msg::Record(record) => {
+                    let day = record.timestamp().to_offset(time::UtcOffset::UTC).date();
+                    if current.as_ref().is_none_or(|(d, _)| *d != day) {
+                        if let Some((_, mut w)) = current.take() {
+                            let _ = w.flush();
+                        }
+                        let path = dir.join(file_name(day));
+                        match OpenOptions::new().create(true).append(true).open(&path) {
+                            Ok(f) => current = Some((day, BufWriter::with_capacity(64 * 1024, f))),
+                            Err(e) => {
+                                tracing::error!(path = %path.display(), error = %e, "cannot open transaction log file");
+                            }
+                        }
+                    }
+                    line.clear();
+                    if serde_json::to_writer(&mut line, &record).is_ok() {
+                        line.push(b'\n');
+                        if let Some((_, w)) = current.as_mut()
+                            && let Err(e) = w.write_all(&line)
+                        {
+                            tracing::error!(error = %e, "cannot write the transaction log");
+                        }
+                    }
+                }
+                Msg::Flush(done) => {
+                    if let Some((_, w)) = current.as_mut() {
+                        let _ = w.flush();
+                    }
+                    let _ = done.send(());
+                }
+            }
+            next = rx.try_recv().ok();
+        }
+        // Nothing more waiting: write out what we have.
+        if let Some((_, w)) = current.as_mut()
+            && let Err(e) = w.flush()
+        {
+            tracing::error!(error = %e, "cannot write the transaction log");
+        }
+    }
+    if let Some((_, mut w)) = current {
+        let _ = w.flush();
+    }
+}
+
+/// Every record in `dir`, oldest file first, in the order written.
+pub fn read_dir(dir: &Path) -> Result<Vec<Record>, LogError> {
+    let mut files: Vec<PathBuf> = match std::fs::read_dir(dir) {
+        Ok(entries) => entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
+            .collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => {
+            return Err(LogError::Read {
+                path: dir.to_path_buf(),
+                source,
+            });
+        }
+    };
+    files.sort();
+    let mut out = Vec::new();
+    for path in files {
+        let f = File::open(&path).map_err(|source| LogError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        for (i, line) in BufReader::new(f).lines().enumerate() {
+            let line = line.map_err(|source| LogError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            let record = serde_json::from_str(&line).map_err(|e| LogError::Parse {
+                path: path.clone(),
+                line: i + 1,
+                reason: e.to_string(),
+            })?;
+            out.push(record);
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ts(s: &str) -> Timestamp {
+        OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).unwrap()
+    }
+
+    fn reception(at: &str, id: &str) -> Record {
+        Record::Reception(Reception {
+            timestamp: ts(at),
+            queue_id: id.into(),
+            session: SessionInfo {
+                peer_ip: "127.0.0.1".into(),
+                peer_port: 4000,
+                helo: Some("c".into()),
+                tls_version: Some("TLSv1.3".into()),
+                tls_cipher: Some("TLS13_AES_256_GCM_SHA384".into()),
+                auth_user: Some("acme-app".into()),
+                tenant: Some("acme".into()),
+            },
+            protocol: "ESMTPSA".into(),
+            sender: "n@acme.example".into(),
+            recipients: vec!["a@d.example".into()],
+            size: 100,
+            message_id: None,
+        })
+    }
+
+    #[test]
+    fn records_are_flat_json_with_type_and_rfc3339_timestamp() {
+        let json = serde_json::to_value(reception("2026-11-22T10:00:00Z", "X")).unwrap();
+        assert_eq!(json["type"], "Reception");
+        assert_eq!(json["timestamp"], "2026-11-22T10:00:00Z");
+        assert_eq!(json["peer_ip"], "127.0.0.1");
+        assert_eq!(json["tls_version"], "TLSv1.3");
+        assert!(
+            json.get("message_id").is_none(),
+            "absent fields are left out"
+        );
+        let rej = Record::Rejection(Rejection {
+            timestamp: ts("2026-11-22T10:00:00Z"),
+            session: SessionInfo::default(),
+            command: "RCPT".into(),
+            sender: None,
+            recipient: Some("x@y".into()),
+            recipients: vec![],
+            reply: (&Reply::new(550, crate::smtp::Status(5, 7, 1), "no")).into(),
+        });
+        let json = serde_json::to_value(&rej).unwrap();
+        assert_eq!(json["code"], 550);
+        assert_eq!(json["enhanced_code"], "5.7.1");
+        let back: Record = serde_json::from_value(json).unwrap();
+        assert_eq!(back, rej);
+    }
+
+    #[test]
+    fn written_records_read_back_in_order_across_days() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, guard) = TransactionLog::open(dir.path()).unwrap();
+        log.write(reception("2026-11-21T23:59:59Z", "A"));
+        log.write(reception("2026-11-22T00:00:01Z", "B"));
+        log.write(reception("2026-11-22T00:00:02Z", "C"));
+        log.flush();
+        let ids: Vec<_> = read_dir(dir.path())
+            .unwrap()
+            .iter()
+            .map(|r| r.queue_id().unwrap().to_string())
+            .collect();
+        assert_eq!(ids, ["A", "B", "C"]);
+        assert!(dir.path().join("transactions-2026-11-21.jsonl").exists());
+        assert!(dir.path().join("transactions-2026-11-22.jsonl").exists());
+        drop(log);
+        drop(guard);
+    }
+
+    #[test]
+    fn an_unwritable_directory_is_an_error_at_open() {
+        let e = TransactionLog::open(Path::new("/proc/no-such-dir/log"))
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("/proc/no-such-dir/log"), "{e}");
+    }
+}

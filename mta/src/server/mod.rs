@@ -1,0 +1,411 @@
+//! Reception's I/O edge: listeners, connection limits, TLS handshakes,
+//! timeouts, and the loop that drives each [`Session`] over a socket.
+//!
+//! Trust boundary: every byte from a client is untrusted. It goes to the
+//! pure session machine; this module only moves bytes, enforces time and
+//! connection limits, and carries out the session's steps (handshake,
+//! password check off the reactor, storing the message).
+
+mod limits;
+mod stream;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use queue::{NewMessage, Queue, Submission};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+
+pub use limits::{ConnectionLimits, Slot};
+use stream::Stream;
+
+use crate::auth::{AuthThrottle, Users};
+use crate::clock::{Clock, millis};
+use crate::log::{self, Record, SessionInfo, TransactionLog};
+use crate::policy::{Policy, canonical_ip};
+use crate::reception;
+use crate::smtp::command::BodyType;
+use crate::smtp::reply::replies;
+use crate::smtp::{
+    AuthOutcome, AuthRequest, Envelope, Event, Peer, Reply, Session, SessionConfig, Status, Step,
+};
+
+/// Time limits of a session.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub command: Duration,
+    pub data: Duration,
+    pub handshake: Duration,
+    pub auth_failure_delay: Duration,
+}
+
+/// Everything sessions share.
+pub struct Receiver {
+    pub session: Arc<SessionConfig>,
+    pub policy: Arc<Policy>,
+    pub users: Arc<Users>,
+    pub throttle: AuthThrottle,
+    pub limits: Arc<ConnectionLimits>,
+    pub queue: Queue,
+    pub log: TransactionLog,
+    pub clock: Arc<dyn Clock>,
+    pub tls: Option<TlsAcceptor>,
+    pub timeouts: Timeouts,
+}
+
+impl std::fmt::Debug for Receiver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Receiver").finish_non_exhaustive()
+    }
+}
+
+fn timestamp(clock: &dyn Clock) -> log::Timestamp {
+    time::OffsetDateTime::from(clock.now())
+}
+
+/// Writing to a client that does not read must not hold a task forever.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+
+impl Receiver {
+    fn info(&self, peer: SocketAddr, session: Option<&Session>) -> SessionInfo {
+        let mut info = SessionInfo {
+            peer_ip: canonical_ip(peer.ip()).to_string(),
+            peer_port: peer.port(),
+            ..Default::default()
+        };
+        if let Some(s) = session {
+            info.helo = s.helo_name().map(str::to_string);
+            info.set_tls(s.tls());
+            if let Some(id) = s.identity() {
+                info.auth_user = Some(id.user.clone());
+                info.tenant = Some(id.tenant.clone());
+            }
+        }
+        info
+    }
+
+    fn reject(&self, info: SessionInfo, command: &str, reply: &Reply) -> Record {
+        Record::Rejection(log::Rejection {
+            timestamp: timestamp(self.clock.as_ref()),
+            session: info,
+            command: command.to_string(),
+            sender: None,
+            recipient: None,
+            recipients: Vec::new(),
+            reply: reply.into(),
+        })
+    }
+
+    fn log_events(&self, peer: SocketAddr, session: &mut Session) {
+        for event in session.take_events() {
+            let info = self.info(peer, Some(session));
+            let record = match event {
+                Event::Rejected {
+                    command,
+                    reply,
+                    sender,
+                    recipient,
+                } => {
+                    let mut rec = self.reject(info, command, &reply);
+                    if let Record::Rejection(r) = &mut rec {
+                        r.sender = sender;
+                        r.recipient = recipient;
+                    }
+                    rec
+                }
+                Event::AuthFailed {
+                    mechanism,
+                    user,
+                    reason,
+                    reply,
+                } => Record::AuthFailure(log::AuthFailure {
+                    timestamp: timestamp(self.clock.as_ref()),
+                    session: info,
+                    mechanism: mechanism.to_string(),
+                    user,
+                    reason: reason.to_string(),
+                    reply: (&reply).into(),
+                }),
+            };
+            self.log.write(record);
+        }
+    }
+
+    /// Checks the credentials off the reactor, with the per-address throttle
+    /// and the delay after a failure.
+    async fn authenticate(&self, ip: IpAddr, req: AuthRequest) -> AuthOutcome {
+        let now = Instant::now();
+        if self.throttle.is_locked(ip, now) {
+            return AuthOutcome::Locked;
+        }
+        let users = self.users.clone();
+        let (user, password) = (req.user.clone(), req.password);
+        let verified = tokio::task::spawn_blocking(move || users.verify(&user, &password)).await;
+        let identity = match verified {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::error!(error = %e, "password check failed");
+                return AuthOutcome::TempFail;
+            }
+        };
+        let reason = match identity {
+            Some(id) if req.authzid.as_ref().is_none_or(|z| *z == id.user) => {
+                return AuthOutcome::Success(id);
+            }
+            Some(_) => "authorization identity refused",
+            None => "invalid credentials",
+        };
+        self.throttle.record_failure(ip, now);
+        tokio::time::sleep(self.timeouts.auth_failure_delay).await;
+        AuthOutcome::Failure { reason }
+    }
+
+    /// Checks, stores and logs a complete message; the queue ID on success.
+    async fn receive(&self, env: Envelope, info: SessionInfo) -> Result<String, Reply> {
+        let now = self.clock.now();
+        let id = self.queue.next_id(millis(now));
+        let id_text = id.to_string();
+        let refuse = |reply: Reply, env: &Envelope| {
+            self.log.write(Record::Rejection(log::Rejection {
+                timestamp: timestamp(self.clock.as_ref()),
+                session: info.clone(),
+                command: "DATA".into(),
+                sender: Some(env.sender.clone()),
+                recipient: None,
+                recipients: env.recipients.clone(),
+                reply: (&reply).into(),
+            }));
+            reply
+        };
+        let prepared = match reception::prepare(
+            &env,
+            &self.policy,
+            &self.session.hostname,
+            &id_text,
+            now,
+            rand::random(),
+        ) {
+            Ok(p) => p,
+            Err(reply) => return Err(refuse(reply, &env)),
+        };
+        let size = prepared.content.len() as u64;
+        let message = NewMessage {
+            id,
+            received_ms: millis(now),
+            tenant: env.tenant.clone(),
+            sender: env.sender.clone(),
+            recipients: env.recipients.clone(),
+            submission: Submission {
+                peer_ip: Some(info.peer_ip.clone()),
+                helo: Some(env.helo.clone()),
+                auth_user: env.auth.as_ref().map(|a| a.user.clone()),
+                smtputf8: env.params.smtputf8,
+                body_8bit: env.params.body == BodyType::EightBitMime,
+                message_id: prepared.message_id.clone(),
+            },
+            content: prepared.content,
+        };
+        if let Err(e) = self.queue.enqueue(message).await {
+            tracing::error!(error = %e, "could not store a message; answered 451");
+            return Err(refuse(replies::storage_failure(), &env));
+        }
+        let mut info = info;
+        info.tenant = env.tenant.clone();
+        self.log.write(Record::Reception(log::Reception {
+            timestamp: timestamp(self.clock.as_ref()),
+            queue_id: id_text.clone(),
+            session: info,
+            protocol: env.protocol(),
+            sender: env.sender,
+            recipients: env.recipients,
+            size,
+            message_id: prepared.message_id,
+        }));
+        Ok(id_text)
+    }
+}
+
+/// Accepts connections until `shutdown` turns true.
+pub async fn accept_loop(
+    rx: Arc<Receiver>,
+    listener: TcpListener,
+    implicit_tls: bool,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.wait_for(|&s| s) => return,
+        };
+        let (socket, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of file descriptors and the like: back off briefly.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = socket.set_nodelay(true);
+        let ip = canonical_ip(peer.ip());
+        let refusal = if !rx.policy.is_allowed(ip) {
+            Err(Reply::new(
+                554,
+                Status(5, 7, 1),
+                format!(
+                    "{} Access denied: your address is not allowed to connect",
+                    rx.session.hostname
+                ),
+            ))
+        } else {
+            rx.limits.acquire(ip)
+        };
+        match refusal {
+            Ok(slot) => {
+                let rx = rx.clone();
+                let shutdown = shutdown.clone();
+                tokio::spawn(async move {
+                    serve(&rx, socket, peer, implicit_tls, shutdown).await;
+                    drop(slot);
+                });
+            }
+            Err(reply) => {
+                rx.log
+                    .write(rx.reject(rx.info(peer, None), "CONNECT", &reply));
+                tokio::spawn(async move { refuse_connection(socket, reply, implicit_tls).await });
+            }
+        }
+    }
+}
+
+async fn refuse_connection(mut socket: TcpStream, reply: Reply, implicit_tls: bool) {
+    // A TLS client cannot read a plaintext reply; it just sees the close.
+    if !implicit_tls {
+        let mut out = Vec::new();
+        reply.write_to(&mut out);
+        let _ = tokio::time::timeout(Duration::from_secs(5), socket.write_all(&out)).await;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), socket.shutdown()).await;
+}
+
+async fn handshake(
+    rx: &Receiver,
+    socket: TcpStream,
+) -> Result<(Stream, crate::smtp::TlsInfo), String> {
+    let acceptor = rx.tls.as_ref().ok_or("TLS is not configured")?;
+    match tokio::time::timeout(rx.timeouts.handshake, acceptor.accept(socket)).await {
+        Ok(Ok(tls)) => {
+            let info = crate::tls::info(tls.get_ref().1);
+            Ok((Stream::Tls(Box::new(tls)), info))
+        }
+        Ok(Err(e)) => Err(format!("TLS handshake failed: {e}")),
+        Err(_) => Err("TLS handshake timed out".into()),
+    }
+}
+
+async fn flush(io: &mut Stream, session: &mut Session) -> std::io::Result<()> {
+    let out = session.output();
+    if out.is_empty() {
+        return Ok(());
+    }
+    let result = match tokio::time::timeout(WRITE_TIMEOUT, io.write_all(out)).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+    };
+    out.clear();
+    result
+}
+
+/// Drives one session until it ends.
+async fn serve(
+    rx: &Receiver,
+    socket: TcpStream,
+    peer: SocketAddr,
+    implicit_tls: bool,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let ip = canonical_ip(peer.ip());
+    let session_peer = Peer {
+        ip,
+        port: peer.port(),
+        relay: rx.policy.may_relay(ip),
+    };
+    let (mut io, tls) = if implicit_tls {
+        match handshake(rx, socket).await {
+            Ok((io, info)) => (io, Some(info)),
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "implicit TLS connection failed");
+                return;
+            }
+        }
+    } else {
+        (Stream::Plain(socket), None)
+    };
+    let mut session = Session::new(rx.session.clone(), session_peer, tls);
+    session.greeting();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let step = session.advance();
+        rx.log_events(peer, &mut session);
+        if flush(&mut io, &mut session).await.is_err() {
+            break;
+        }
+        match step {
+            Step::NeedInput => {
+                let (limit, what) = if session.in_data() {
+                    (rx.timeouts.data, "message content")
+                } else {
+                    (rx.timeouts.command, "a command")
+                };
+                tokio::select! {
+                    read = tokio::time::timeout(limit, io.read(&mut buf)) => match read {
+                        Ok(Ok(0)) | Ok(Err(_)) => break,
+                        Ok(Ok(n)) => session.feed(&buf[..n]),
+                        Err(_) => session.abort(Reply::new(
+                            421,
+                            Status(4, 4, 2),
+                            format!("{} Timeout waiting for {what}; closing the connection", rx.session.hostname),
+                        )),
+                    },
+                    // A session in the middle of a message may finish it.
+                    _ = shutdown.wait_for(|&s| s), if !session.in_data() => session.abort(Reply::new(
+                        421,
+                        Status(4, 3, 2),
+                        format!("{} Service shutting down; try again later", rx.session.hostname),
+                    )),
+                }
+            }
+            Step::StartTls => {
+                let Stream::Plain(socket) = std::mem::replace(&mut io, Stream::Gone) else {
+                    break;
+                };
+                match handshake(rx, socket).await {
+                    Ok((tls_io, info)) => {
+                        io = tls_io;
+                        session.tls_established(info);
+                    }
+                    Err(e) => {
+                        tracing::debug!(%peer, error = %e, "STARTTLS failed");
+                        break;
+                    }
+                }
+            }
+            Step::Authenticate(req) => {
+                let outcome = rx.authenticate(ip, req).await;
+                session.auth_result(outcome);
+            }
+            Step::Message(env) => {
+                let info = rx.info(peer, Some(&session));
+                let result = rx.receive(*env, info).await;
+                session.message_result(result);
+            }
+            Step::Close => break,
+        }
+    }
+    rx.log_events(peer, &mut session);
+    let _ = flush(&mut io, &mut session).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), io.shutdown()).await;
+}

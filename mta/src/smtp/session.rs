@@ -1,0 +1,1049 @@
+//! The SMTP server session: a pure state machine.
+//!
+//! Bytes go in with [`Session::feed`]; [`Session::advance`] processes as
+//! much of them as it can and says what the driver must do next
+//! ([`Step`]); replies accumulate in [`Session::output`] and log-worthy
+//! happenings in [`Session::take_events`]. Work that needs I/O or heavy CPU
+//! (the TLS handshake, checking a password, storing a message) goes out as a
+//! step, and its result comes back through `tls_established`,
+//! `auth_result` or `message_result`. No sockets, no clock, no tokio: every
+//! exchange is testable with byte strings.
+//!
+//! Pipelining (RFC 2920) falls out of the design: commands are handled in
+//! order from the input buffer, and the driver writes the collected replies
+//! whenever the session needs more input.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+
+use super::body::{ChunkReader, DataReader};
+use super::command::{self, Command, Domain, MailParams, Mailbox};
+use super::reply::{Reply, Status, replies};
+use crate::policy::Policy;
+
+/// Line limit for commands (RFC 5321 §4.5.3.1.4 allows 512; the issue of
+/// long ESMTP parameters makes 1000 the common practice).
+pub const MAX_COMMAND_LINE: usize = 1000;
+/// RFC 4954 §4 raises the limit for AUTH lines and SASL responses.
+pub const MAX_AUTH_LINE: usize = 12288;
+
+/// Settings of a session, shared by all sessions of a listener.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// Our name, in the greeting and EHLO reply.
+    pub hostname: String,
+    pub max_message_size: u64,
+    pub max_recipients: usize,
+    /// Protocol errors (5.5.x) before the session is closed with 421.
+    pub max_errors: u32,
+    /// Failed AUTH attempts before the session is closed with 421.
+    pub max_auth_failures: u32,
+    /// A certificate is loaded, so STARTTLS may be offered.
+    pub starttls: bool,
+    /// Some user is configured, so AUTH may be offered (after TLS).
+    pub auth: bool,
+    pub policy: Arc<Policy>,
+}
+
+/// The remote end of the session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    pub ip: IpAddr,
+    pub port: u16,
+    /// The client is in `relay_networks`: it may send without AUTH.
+    pub relay: bool,
+}
+
+/// What TLS was negotiated.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct TlsInfo {
+    pub version: String,
+    pub cipher: String,
+}
+
+/// An authenticated user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub user: String,
+    pub tenant: String,
+}
+
+/// Credentials for the driver to check. The password never appears in
+/// `Debug` output, so it cannot reach a log by accident.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AuthRequest {
+    pub mechanism: &'static str,
+    /// The authentication identity (user name).
+    pub user: String,
+    /// PLAIN's authorization identity, when the client gave one.
+    pub authzid: Option<String>,
+    pub password: String,
+}
+
+impl std::fmt::Debug for AuthRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthRequest")
+            .field("mechanism", &self.mechanism)
+            .field("user", &self.user)
+            .field("authzid", &self.authzid)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+/// The driver's verdict on an [`AuthRequest`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthOutcome {
+    Success(Identity),
+    /// Wrong user or password, or a refused authorization identity (the
+    /// driver has already waited its delay). The reason goes to the log.
+    Failure {
+        reason: &'static str,
+    },
+    /// Too many failures from this address: the session is closed.
+    Locked,
+    /// The check itself failed.
+    TempFail,
+}
+
+/// A complete message, for the driver to check and store.
+#[derive(Debug, Clone)]
+pub struct Envelope {
+    pub peer: Peer,
+    pub helo: String,
+    pub esmtp: bool,
+    pub tls: Option<TlsInfo>,
+    pub auth: Option<Identity>,
+    pub tenant: Option<String>,
+    /// MAIL FROM; empty for `<>`.
+    pub sender: String,
+    pub recipients: Vec<String>,
+    pub params: MailParams,
+    /// The content as received (dot-unstuffed, CRLF lines).
+    pub content: Vec<u8>,
+}
+
+impl Envelope {
+    /// The `with` protocol of the Received header (RFC 3848, RFC 6531 §3.7.3).
+    pub fn protocol(&self) -> String {
+        let mut p = String::new();
+        if self.params.smtputf8 {
+            p.push_str("UTF8SMTP");
+        } else if self.esmtp {
+            p.push_str("ESMTP");
+        } else {
+            p.push_str("SMTP");
+        }
+        if self.tls.is_some() {
+            p.push('S');
+        }
+        if self.auth.is_some() {
+            p.push('A');
+        }
+        p
+    }
+}
+
+/// What the driver must do next.
+#[derive(Debug)]
+pub enum Step {
+    /// Write the output, then read more input and `feed` it.
+    NeedInput,
+    /// Write the output (it ends with `220`), do the TLS handshake, then
+    /// call `tls_established`.
+    StartTls,
+    /// Check the credentials, then call `auth_result`.
+    Authenticate(AuthRequest),
+    /// Check and store the message, then call `message_result`.
+    Message(Box<Envelope>),
+    /// Write the output and close the connection.
+    Close,
+}
+
+/// Something the transaction log should hear about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The session refused a command with this reply.
+    Rejected {
+        command: &'static str,
+        reply: Reply,
+        sender: Option<String>,
+        recipient: Option<String>,
+    },
+    /// An AUTH attempt failed. Carries the user name tried, never the password.
+    AuthFailed {
+        mechanism: &'static str,
+        user: String,
+        reason: &'static str,
+        reply: Reply,
+    },
+}
+
+#[derive(Debug)]
+enum State {
+    Command,
+    Data(DataReader),
+    /// Reading a BDAT chunk's payload. `refusal` set: the chunk is read and
+    /// thrown away, then this reply is sent.
+    Chunk {
+        size: u64,
+        remaining: u64,
+        last: bool,
+        refusal: Option<Reply>,
+    },
+    AuthPlain,
+    AuthLoginUser,
+    AuthLoginPass {
+        user: String,
+    },
+    /// A step is out with the driver.
+    Waiting,
+    Closed,
+}
+
+#[derive(Debug)]
+struct Transaction {
+    sender: String,
+    params: MailParams,
+    tenant: Option<String>,
+    recipients: Vec<String>,
+    chunks: Option<ChunkReader>,
+}
+
+#[derive(Debug)]
+struct Helo {
+    name: String,
+    esmtp: bool,
+}
+
+/// One SMTP session.
+#[derive(Debug)]
+pub struct Session {
+    cfg: Arc<SessionConfig>,
+    peer: Peer,
+    tls: Option<TlsInfo>,
+    helo: Option<Helo>,
+    auth: Option<Identity>,
+    tx: Option<Transaction>,
+    state: State,
+    input: Vec<u8>,
+    start: usize,
+    /// Throwing away the rest of an over-long line.
+    discarding: bool,
+    output: Vec<u8>,
+    events: Vec<Event>,
+    errors: u32,
+    auth_failures: u32,
+    closing: bool,
+    /// The command the reply being produced answers, for events.
+    current: &'static str,
+    /// Mechanism and user of the AUTH attempt out with the driver.
+    pending_auth: Option<(&'static str, String)>,
+}
+
+fn is_protocol_error(r: &Reply) -> bool {
+    r.code >= 500 && matches!(r.status, Some(Status(5, 5, _)))
+}
+
+impl Session {
+    /// A new session. `tls` is set for implicit-TLS listeners, where the
+    /// handshake happened before the first byte of SMTP.
+    pub fn new(cfg: Arc<SessionConfig>, peer: Peer, tls: Option<TlsInfo>) -> Self {
+        Session {
+            cfg,
+            peer,
+            tls,
+            helo: None,
+            auth: None,
+            tx: None,
+            state: State::Command,
+            input: Vec::new(),
+            start: 0,
+            discarding: false,
+            output: Vec::with_capacity(1024),
+            events: Vec::new(),
+            errors: 0,
+            auth_failures: 0,
+            closing: false,
+            current: "CONNECT",
+            pending_auth: None,
+        }
+    }
+
+    /// Queues the `220` greeting.
+    pub fn greeting(&mut self) {
+        let r = Reply::plain(220, format!("{} ESMTP ready", self.cfg.hostname));
+        r.write_to(&mut self.output);
+    }
+
+    pub fn feed(&mut self, bytes: &[u8]) {
+        if self.start > 0 && self.start == self.input.len() {
+            self.input.clear();
+            self.start = 0;
+        }
+        self.input.extend_from_slice(bytes);
+    }
+
+    /// The replies to write. The driver writes and clears it.
+    pub fn output(&mut self) -> &mut Vec<u8> {
+        &mut self.output
+    }
+
+    pub fn take_events(&mut self) -> Vec<Event> {
+        std::mem::take(&mut self.events)
+    }
+
+    /// Reading message content (the data timeout applies, not the command one).
+    pub fn in_data(&self) -> bool {
+        matches!(self.state, State::Data(_) | State::Chunk { .. })
+    }
+
+    pub fn tls(&self) -> Option<&TlsInfo> {
+        self.tls.as_ref()
+    }
+
+    pub fn identity(&self) -> Option<&Identity> {
+        self.auth.as_ref()
+    }
+
+    pub fn peer(&self) -> &Peer {
+        &self.peer
+    }
+
+    pub fn helo_name(&self) -> Option<&str> {
+        self.helo.as_ref().map(|h| h.name.as_str())
+    }
+
+    /// The envelope sender of the open transaction, if any.
+    pub fn sender(&self) -> Option<&str> {
+        self.tx.as_ref().map(|t| t.sender.as_str())
+    }
+
+    fn pending(&self) -> &[u8] {
+        &self.input[self.start..]
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.start += n;
+        if self.start == self.input.len() {
+            self.input.clear();
+            self.start = 0;
+        } else if self.start > 64 * 1024 {
+            self.input.drain(..self.start);
+            self.start = 0;
+        }
+    }
+
+    /// Sends a reply; refusals become events, and too many protocol errors
+    /// end the session.
+    fn reply(&mut self, r: Reply) {
+        if r.code >= 400 {
+            let (sender, recipient) = (self.sender().map(str::to_string), None);
+            self.events.push(Event::Rejected {
+                command: self.current,
+                reply: r.clone(),
+                sender,
+                recipient,
+            });
+        }
+        self.reply_quiet(r);
+    }
+
+    fn reply_quiet(&mut self, r: Reply) {
+        let protocol_error = is_protocol_error(&r);
+        r.write_to(&mut self.output);
+        if protocol_error {
+            self.errors += 1;
+            if self.errors >= self.cfg.max_errors && !self.closing {
+                let bye = replies::too_many_errors();
+                self.events.push(Event::Rejected {
+                    command: self.current,
+                    reply: bye.clone(),
+                    sender: None,
+                    recipient: None,
+                });
+                bye.write_to(&mut self.output);
+                self.closing = true;
+            }
+        }
+    }
+
+    fn reject_rcpt(&mut self, r: Reply, recipient: &Mailbox) {
+        self.events.push(Event::Rejected {
+            command: "RCPT",
+            reply: r.clone(),
+            sender: self.sender().map(str::to_string),
+            recipient: Some(recipient.to_string()),
+        });
+        self.reply_quiet(r);
+    }
+
+    /// Processes buffered input until the driver must act.
+    pub fn advance(&mut self) -> Step {
+        loop {
+            if self.closing {
+                self.state = State::Closed;
+                return Step::Close;
+            }
+            match &mut self.state {
+                State::Closed => return Step::Close,
+                State::Waiting => return Step::NeedInput,
+                State::Data(reader) => {
+                    let (n, done) = reader.feed(&self.input[self.start..]);
+                    self.consume(n);
+                    if !done {
+                        return Step::NeedInput;
+                    }
+                    let State::Data(reader) = std::mem::replace(&mut self.state, State::Command)
+                    else {
+                        unreachable!()
+                    };
+                    self.current = "DATA";
+                    match reader.finish() {
+                        Ok(content) => return self.message_ready(content),
+                        Err(r) => {
+                            self.reply(r);
+                            self.tx = None;
+                        }
+                    }
+                }
+                State::Chunk { .. } => {
+                    if let Some(step) = self.read_chunk() {
+                        return step;
+                    }
+                }
+                State::Command
+                | State::AuthPlain
+                | State::AuthLoginUser
+                | State::AuthLoginPass { .. } => {
+                    let Some(line) = self.next_line() else {
+                        return Step::NeedInput;
+                    };
+                    let Ok(line) = line else { continue };
+                    let step = if matches!(self.state, State::Command) {
+                        self.command(&line)
+                    } else {
+                        self.auth_response(&line)
+                    };
+                    if let Some(step) = step {
+                        return step;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The next complete line without its CRLF. `Some(Err(()))`: a line was
+    /// consumed and refused (too long, bare LF).
+    fn next_line(&mut self) -> Option<Result<Vec<u8>, ()>> {
+        let pending = self.pending();
+        match memchr::memchr(b'\n', pending) {
+            Some(i) => {
+                let raw = &pending[..i];
+                let (line, bare_lf) = match raw.strip_suffix(b"\r") {
+                    Some(l) => (l.to_vec(), false),
+                    None => (raw.to_vec(), true),
+                };
+                self.consume(i + 1);
+                if std::mem::take(&mut self.discarding) {
+                    self.current = "UNKNOWN";
+                    self.reply(replies::line_too_long());
+                    return Some(Err(()));
+                }
+                if bare_lf {
+                    self.current = "UNKNOWN";
+                    self.reply(Reply::new(
+                        500,
+                        Status(5, 5, 2),
+                        "Bare LF in command: lines must end with CRLF",
+                    ));
+                    return Some(Err(()));
+                }
+                Some(Ok(line))
+            }
+            None => {
+                let limit = if !matches!(self.state, State::Command)
+                    || pending.len() >= 5 && pending[..5].eq_ignore_ascii_case(b"AUTH ")
+                {
+                    MAX_AUTH_LINE
+                } else {
+                    MAX_COMMAND_LINE
+                };
+                let n = pending.len();
+                if n > limit {
+                    self.discarding = true;
+                    self.consume(n);
+                }
+                None
+            }
+        }
+    }
+
+    fn command(&mut self, line: &[u8]) -> Option<Step> {
+        let cmd = match command::parse(line) {
+            Ok(c) => c,
+            Err(r) => {
+                self.current = "UNKNOWN";
+                self.reply(r);
+                return None;
+            }
+        };
+        self.current = cmd.verb();
+        match cmd {
+            Command::Ehlo(name) => {
+                self.tx = None;
+                self.reply_quiet(self.ehlo_reply(&name));
+                self.helo = Some(Helo { name, esmtp: true });
+            }
+            Command::Helo(name) => {
+                self.tx = None;
+                self.reply_quiet(Reply::plain(250, self.cfg.hostname.clone()));
+                self.helo = Some(Helo { name, esmtp: false });
+            }
+            Command::Mail { from, params } => self.mail(from, params),
+            Command::Rcpt { to } => self.rcpt(to),
+            Command::Data => self.data(),
+            Command::Bdat { size, last } => self.bdat(size, last),
+            Command::Rset => {
+                self.tx = None;
+                self.reply(replies::ok());
+            }
+            Command::Noop => self.reply(replies::ok()),
+            Command::Quit => {
+                self.reply(Reply::new(221, Status(2, 0, 0), "Bye"));
+                self.closing = true;
+            }
+            Command::Vrfy => self.reply(Reply::new(
+                252,
+                Status(2, 5, 0),
+                "Cannot VRFY user, but will accept the message and attempt delivery",
+            )),
+            Command::Expn => self.reply(Reply::new(502, Status(5, 5, 1), "EXPN is not supported")),
+            Command::Help => self.reply(Reply::new(
+                214,
+                Status(2, 0, 0),
+                "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS AUTH",
+            )),
+            Command::StartTls => return self.starttls(),
+            Command::Auth { mechanism, initial } => return self.auth(&mechanism, initial),
+        }
+        None
+    }
+
+    fn ehlo_reply(&self, name: &str) -> Reply {
+        let mut text = format!(
+            "{} Hello {} [{}]\nPIPELINING\nSIZE {}\n8BITMIME\nSMTPUTF8\nENHANCEDSTATUSCODES\nCHUNKING",
+            self.cfg.hostname,
+            name,
+            crate::policy::canonical_ip(self.peer.ip),
+            self.cfg.max_message_size
+        );
+        if self.cfg.starttls && self.tls.is_none() {
+            text.push_str("\nSTARTTLS");
+        }
+        if self.cfg.auth && self.tls.is_some() {
+            text.push_str("\nAUTH PLAIN LOGIN");
+        }
+        Reply::plain(250, text)
+    }
+
+    fn mail(&mut self, from: Option<Mailbox>, params: MailParams) {
+        if self.helo.is_none() {
+            return self.reply(replies::bad_sequence("Send EHLO or HELO first"));
+        }
+        if self.tx.is_some() {
+            return self.reply(replies::bad_sequence(
+                "Nested MAIL command: send RSET first",
+            ));
+        }
+        if self.auth.is_none() && !self.peer.relay {
+            let text = if self.tls.is_none() && self.cfg.starttls {
+                "Authentication required: issue STARTTLS, then AUTH"
+            } else {
+                "Authentication required"
+            };
+            return self.reply(Reply::new(530, Status(5, 7, 0), text));
+        }
+        if let Some(mb) = &from
+            && !params.smtputf8
+            && !mb.is_ascii()
+        {
+            return self.reply(Reply::new(
+                553,
+                Status(5, 6, 7),
+                "Non-ASCII sender address needs the SMTPUTF8 parameter (RFC 6531)",
+            ));
+        }
+        if params.size.is_some_and(|s| s > self.cfg.max_message_size) {
+            return self.reply(replies::message_too_big(self.cfg.max_message_size));
+        }
+        let domain = from.as_ref().map(|m| m.domain_str().to_string());
+        let tenant = match (&self.auth, &domain) {
+            (Some(id), Some(d)) => {
+                if !self.cfg.policy.sender_allowed(&id.tenant, d) {
+                    return self.reply(Reply::new(
+                        550,
+                        Status(5, 7, 1),
+                        format!(
+                            "Sender domain {d} is not one of tenant {}'s sender domains",
+                            id.tenant
+                        ),
+                    ));
+                }
+                Some(id.tenant.clone())
+            }
+            (Some(id), None) => Some(id.tenant.clone()),
+            (None, Some(d)) if self.cfg.policy.has_tenants() => {
+                match self.cfg.policy.tenant_for_domain(d) {
+                    Some(t) => Some(t.name.clone()),
+                    None => {
+                        return self.reply(Reply::new(
+                            550,
+                            Status(5, 7, 1),
+                            format!("Sender domain {d} does not belong to any tenant"),
+                        ));
+                    }
+                }
+            }
+            (None, _) => None,
+        };
+        self.tx = Some(Transaction {
+            sender: from.map(|m| m.to_string()).unwrap_or_default(),
+            params,
+            tenant,
+            recipients: Vec::new(),
+            chunks: None,
+        });
+        self.reply(Reply::new(250, Status(2, 1, 0), "Ok"));
+    }
+
+    fn rcpt(&mut self, to: Mailbox) {
+        let Some(tx) = &self.tx else {
+            return self.reply(replies::bad_sequence("Send MAIL FROM before RCPT TO"));
+        };
+        if tx.chunks.is_some() {
+            return self.reply(replies::bad_sequence("RCPT TO after BDAT: send RSET first"));
+        }
+        if !tx.params.smtputf8 && !to.is_ascii() {
+            return self.reject_rcpt(
+                Reply::new(
+                    553,
+                    Status(5, 6, 7),
+                    "Non-ASCII recipient address needs the SMTPUTF8 parameter on MAIL FROM (RFC 6531)",
+                ),
+                &to,
+            );
+        }
+        if matches!(to.domain, Domain::Literal(_)) {
+            return self.reject_rcpt(
+                Reply::new(
+                    550,
+                    Status(5, 1, 2),
+                    "Address literals are not accepted as recipients: use a domain name",
+                ),
+                &to,
+            );
+        }
+        if tx.recipients.len() >= self.cfg.max_recipients {
+            return self.reject_rcpt(
+                Reply::new(
+                    452,
+                    Status(4, 5, 3),
+                    format!(
+                        "Too many recipients: at most {} per message; send the rest in another message",
+                        self.cfg.max_recipients
+                    ),
+                ),
+                &to,
+            );
+        }
+        let address = to.to_string();
+        if let Some(tx) = &mut self.tx {
+            tx.recipients.push(address);
+        }
+        self.reply(Reply::new(250, Status(2, 1, 5), "Ok"));
+    }
+
+    fn data(&mut self) {
+        match &self.tx {
+            None => self.reply(replies::bad_sequence(
+                "Send MAIL FROM and RCPT TO before DATA",
+            )),
+            Some(tx) if tx.chunks.is_some() => {
+                self.reply(replies::bad_sequence("DATA after BDAT: send RSET first"))
+            }
+            Some(tx) if tx.recipients.is_empty() => {
+                self.reply(Reply::new(554, Status(5, 5, 1), "No valid recipients"))
+            }
+            Some(_) => {
+                self.reply(Reply::plain(354, "End data with <CR><LF>.<CR><LF>"));
+                self.state = State::Data(DataReader::new(self.cfg.max_message_size));
+            }
+        }
+    }
+
+    fn bdat(&mut self, size: u64, last: bool) {
+        let refusal = match &mut self.tx {
+            None => Some(replies::bad_sequence(
+                "Send MAIL FROM and RCPT TO before BDAT",
+            )),
+            Some(tx) if tx.recipients.is_empty() => {
+                Some(Reply::new(554, Status(5, 5, 1), "No valid recipients"))
+            }
+            Some(tx) => {
+                tx.chunks
+                    .get_or_insert_with(|| ChunkReader::new(self.cfg.max_message_size));
+                None
+            }
+        };
+        // The chunk is read even when refused: it is already on its way.
+        self.state = State::Chunk {
+            size,
+            remaining: size,
+            last,
+            refusal,
+        };
+    }
+
+    fn read_chunk(&mut self) -> Option<Step> {
+        let State::Chunk { remaining, .. } = &mut self.state else {
+            unreachable!()
+        };
+        let available = self.input.len() - self.start;
+        let take = (*remaining).min(available as u64) as usize;
+        *remaining -= take as u64;
+        let done = *remaining == 0;
+        if take > 0 {
+            let piece = &self.input[self.start..self.start + take];
+            if let Some(chunks) = self.tx.as_mut().and_then(|t| t.chunks.as_mut()) {
+                chunks.feed(piece);
+            }
+            self.consume(take);
+        }
+        if !done {
+            return Some(Step::NeedInput);
+        }
+        let State::Chunk {
+            size,
+            last,
+            refusal,
+            ..
+        } = std::mem::replace(&mut self.state, State::Command)
+        else {
+            unreachable!()
+        };
+        self.current = "BDAT";
+        if let Some(r) = refusal {
+            self.reply(r);
+            return None;
+        }
+        let chunks = self.tx.as_mut().and_then(|t| t.chunks.take())?;
+        if last {
+            match chunks.finish() {
+                Ok(content) => return Some(self.message_ready(content)),
+                Err(r) => {
+                    self.reply(r);
+                    self.tx = None;
+                }
+            }
+        } else if let Err(r) = chunks.faults().verdict(self.cfg.max_message_size) {
+            self.reply(r);
+            self.tx = None;
+        } else {
+            if let Some(tx) = &mut self.tx {
+                tx.chunks = Some(chunks);
+            }
+            self.reply(Reply::new(
+                250,
+                Status(2, 0, 0),
+                format!("{size} octets received"),
+            ));
+        }
+        None
+    }
+
+    fn message_ready(&mut self, content: Vec<u8>) -> Step {
+        let tx = self.tx.take().expect("a message needs a transaction");
+        let helo = self.helo.as_ref().expect("a transaction needs EHLO");
+        self.state = State::Waiting;
+        Step::Message(Box::new(Envelope {
+            peer: self.peer.clone(),
+            helo: helo.name.clone(),
+            esmtp: helo.esmtp,
+            tls: self.tls.clone(),
+            auth: self.auth.clone(),
+            tenant: tx.tenant,
+            sender: tx.sender,
+            recipients: tx.recipients,
+            params: tx.params,
+            content,
+        }))
+    }
+
+    /// The driver stored the message (`Ok(queue id)`) or refused it.
+    pub fn message_result(&mut self, result: Result<String, Reply>) {
+        self.state = State::Command;
+        match result {
+            Ok(id) => self.reply(Reply::new(
+                250,
+                Status(2, 0, 0),
+                format!("Ok: queued as {id}"),
+            )),
+            // The driver logs its own refusals, with the whole envelope.
+            Err(r) => self.reply_quiet(r),
+        }
+    }
+
+    fn starttls(&mut self) -> Option<Step> {
+        if self.tls.is_some() {
+            self.reply(replies::bad_sequence("TLS is already active"));
+            return None;
+        }
+        if !self.cfg.starttls {
+            self.reply(Reply::new(454, Status(4, 7, 0), "TLS not available"));
+            return None;
+        }
+        self.reply(Reply::new(220, Status(2, 0, 0), "Ready to start TLS"));
+        // RFC 3207 §4.2: anything the client pipelined after STARTTLS came
+        // in plaintext and must not be executed inside TLS (CVE-2011-0411).
+        self.input.clear();
+        self.start = 0;
+        self.state = State::Waiting;
+        Some(Step::StartTls)
+    }
+
+    /// The handshake succeeded: the session starts over, as RFC 3207 §4.2
+    /// requires (the client must EHLO again).
+    pub fn tls_established(&mut self, info: TlsInfo) {
+        self.tls = Some(info);
+        self.helo = None;
+        self.auth = None;
+        self.tx = None;
+        self.input.clear();
+        self.start = 0;
+        self.state = State::Command;
+    }
+
+    fn auth(&mut self, mechanism: &str, initial: Option<String>) -> Option<Step> {
+        if !self.cfg.auth {
+            self.reply(Reply::new(
+                502,
+                Status(5, 5, 1),
+                "AUTH is not available here",
+            ));
+            return None;
+        }
+        if self.tls.is_none() {
+            self.reply(Reply::new(
+                538,
+                Status(5, 7, 11),
+                "Encryption required for requested authentication mechanism: issue STARTTLS first",
+            ));
+            return None;
+        }
+        if self.helo.as_ref().is_none_or(|h| !h.esmtp) {
+            self.reply(replies::bad_sequence("Send EHLO before AUTH"));
+            return None;
+        }
+        if self.auth.is_some() {
+            self.reply(replies::bad_sequence("Already authenticated"));
+            return None;
+        }
+        if self.tx.is_some() {
+            self.reply(replies::bad_sequence(
+                "AUTH is not allowed during a mail transaction",
+            ));
+            return None;
+        }
+        match (mechanism, initial) {
+            ("PLAIN", Some(resp)) => self.plain_response(resp.as_bytes()),
+            ("PLAIN", None) => {
+                self.reply_quiet(Reply::plain(334, ""));
+                self.state = State::AuthPlain;
+                None
+            }
+            ("LOGIN", Some(user)) => {
+                let user = self.decode_text(user.as_bytes())?;
+                self.reply_quiet(Reply::plain(334, "UGFzc3dvcmQ6"));
+                self.state = State::AuthLoginPass { user };
+                None
+            }
+            ("LOGIN", None) => {
+                self.reply_quiet(Reply::plain(334, "VXNlcm5hbWU6"));
+                self.state = State::AuthLoginUser;
+                None
+            }
+            _ => {
+                self.reply(Reply::new(
+                    504,
+                    Status(5, 5, 4),
+                    "Unrecognized authentication mechanism: use PLAIN or LOGIN",
+                ));
+                None
+            }
+        }
+    }
+
+    fn auth_response(&mut self, line: &[u8]) -> Option<Step> {
+        self.current = "AUTH";
+        let state = std::mem::replace(&mut self.state, State::Command);
+        if line == b"*" {
+            self.reply(Reply::new(501, Status(5, 0, 0), "Authentication cancelled"));
+            return None;
+        }
+        match state {
+            State::AuthPlain => self.plain_response(line),
+            State::AuthLoginUser => {
+                let user = self.decode_text(line)?;
+                self.reply_quiet(Reply::plain(334, "UGFzc3dvcmQ6"));
+                self.state = State::AuthLoginPass { user };
+                None
+            }
+            State::AuthLoginPass { user } => {
+                let password = self.decode_text(line)?;
+                self.state = State::Waiting;
+                self.pending_auth = Some(("LOGIN", user.clone()));
+                Some(Step::Authenticate(AuthRequest {
+                    mechanism: "LOGIN",
+                    user,
+                    authzid: None,
+                    password,
+                }))
+            }
+            _ => unreachable!("auth_response outside AUTH"),
+        }
+    }
+
+    fn decode(&mut self, b64: &[u8]) -> Option<Vec<u8>> {
+        match B64.decode(b64) {
+            Ok(v) => Some(v),
+            Err(_) => {
+                self.state = State::Command;
+                self.reply(Reply::new(
+                    501,
+                    Status(5, 5, 2),
+                    "Invalid base64 in AUTH response",
+                ));
+                None
+            }
+        }
+    }
+
+    fn decode_text(&mut self, b64: &[u8]) -> Option<String> {
+        let raw = self.decode(b64)?;
+        match String::from_utf8(raw) {
+            Ok(s) => Some(s),
+            Err(_) => {
+                self.state = State::Command;
+                self.reply(Reply::new(
+                    501,
+                    Status(5, 5, 2),
+                    "AUTH response is not UTF-8",
+                ));
+                None
+            }
+        }
+    }
+
+    fn plain_response(&mut self, b64: &[u8]) -> Option<Step> {
+        let text = self.decode_text(b64)?;
+        let mut parts = text.splitn(3, '\0');
+        match (parts.next(), parts.next(), parts.next()) {
+            (Some(authzid), Some(user), Some(password)) if !user.is_empty() => {
+                self.state = State::Waiting;
+                self.pending_auth = Some(("PLAIN", user.to_string()));
+                Some(Step::Authenticate(AuthRequest {
+                    mechanism: "PLAIN",
+                    user: user.to_string(),
+                    authzid: (!authzid.is_empty()).then(|| authzid.to_string()),
+                    password: password.to_string(),
+                }))
+            }
+            _ => {
+                self.reply(Reply::new(
+                    501,
+                    Status(5, 5, 2),
+                    "Malformed PLAIN response: expected authzid NUL user NUL password (RFC 4616)",
+                ));
+                None
+            }
+        }
+    }
+
+    /// The driver's verdict on the credentials.
+    pub fn auth_result(&mut self, outcome: AuthOutcome) {
+        self.state = State::Command;
+        self.current = "AUTH";
+        let (mechanism, user) = self.pending_auth.take().unwrap_or(("", String::new()));
+        let (reply, reason) = match outcome {
+            AuthOutcome::Success(id) => {
+                self.auth = Some(id);
+                self.reply(Reply::new(
+                    235,
+                    Status(2, 7, 0),
+                    "Authentication successful",
+                ));
+                return;
+            }
+            AuthOutcome::TempFail => {
+                self.reply(Reply::new(
+                    454,
+                    Status(4, 7, 0),
+                    "Temporary authentication failure; try again later",
+                ));
+                return;
+            }
+            AuthOutcome::Failure { reason } => {
+                self.auth_failures += 1;
+                if self.auth_failures >= self.cfg.max_auth_failures {
+                    self.closing = true;
+                    let r = Reply::new(
+                        421,
+                        Status(4, 7, 0),
+                        "Too many failed authentication attempts; closing the connection",
+                    );
+                    (r, reason)
+                } else {
+                    let r = Reply::new(535, Status(5, 7, 8), "Authentication credentials invalid");
+                    (r, reason)
+                }
+            }
+            AuthOutcome::Locked => {
+                self.closing = true;
+                let r = Reply::new(
+                    421,
+                    Status(4, 7, 0),
+                    "Too many failed authentication attempts from your address; try again later",
+                );
+                (r, "address locked out")
+            }
+        };
+        self.events.push(Event::AuthFailed {
+            mechanism,
+            user,
+            reason,
+            reply: reply.clone(),
+        });
+        reply.write_to(&mut self.output);
+    }
+
+    /// Ends the session from outside (timeout, shutdown) with this reply.
+    pub fn abort(&mut self, r: Reply) {
+        self.events.push(Event::Rejected {
+            command: if self.in_data() { "DATA" } else { "TIMEOUT" },
+            reply: r.clone(),
+            sender: self.sender().map(str::to_string),
+            recipient: None,
+        });
+        r.write_to(&mut self.output);
+        self.closing = true;
+        self.state = State::Closed;
+    }
+}
+
+#[cfg(test)]
+#[path = "session_tests.rs"]
+mod tests;

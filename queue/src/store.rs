@@ -1,0 +1,799 @@
+//! The queue: a sled tree holding envelopes, contents and the schedule index.
+//!
+//! Keys in the one tree (one tree, so a message's keys change in one atomic
+//! batch or transaction):
+//!
+//! | key                          | value                        |
+//! |------------------------------|------------------------------|
+//! | `m` id(8, BE)                | [`MessageRecord`], encoded   |
+//! | `b` id(8, BE)                | the message content          |
+//! | `s` due-ms(8, BE) id(8, BE)  | empty: the schedule index    |
+//!
+//! Invariant: a message that is neither held nor complete has exactly one
+//! schedule key, at `record.scheduled_ms`, except while it is claimed (the
+//! claim took the key away). Recovery rebuilds the index from the records,
+//! so a crash while claimed makes the message due again.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, Weak};
+
+use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
+
+use crate::commit::{CommitStats, GroupCommit};
+use crate::error::QueueError;
+use crate::id::{IdGenerator, QueueId};
+use crate::record::{MessageRecord, MessageState, RecipientRecord, RecipientState, Submission};
+
+const MSG: u8 = b'm';
+const BODY: u8 = b'b';
+const SCHED: u8 = b's';
+
+fn key(prefix: u8, id: QueueId) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = prefix;
+    k[1..].copy_from_slice(&id.to_be_bytes());
+    k
+}
+
+fn sched_key(due_ms: u64, id: QueueId) -> [u8; 17] {
+    let mut k = [0u8; 17];
+    k[0] = SCHED;
+    k[1..9].copy_from_slice(&due_ms.to_be_bytes());
+    k[9..].copy_from_slice(&id.to_be_bytes());
+    k
+}
+
+fn id_from_key(k: &[u8]) -> Option<QueueId> {
+    let tail: [u8; 8] = k.get(k.len().checked_sub(8)?..)?.try_into().ok()?;
+    Some(QueueId::from_u64(u64::from_be_bytes(tail)))
+}
+
+/// How to open the store.
+#[derive(Debug, Clone)]
+pub struct QueueConfig {
+    /// Directory of the sled database; created if missing.
+    pub path: PathBuf,
+    /// Bytes of sled's page cache. Bounds the store's share of memory.
+    pub cache_capacity: u64,
+}
+
+impl QueueConfig {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        QueueConfig {
+            path: path.into(),
+            cache_capacity: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// A message to be accepted.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    /// From [`Queue::next_id`].
+    pub id: QueueId,
+    pub received_ms: u64,
+    pub tenant: Option<String>,
+    /// MAIL FROM; empty for `<>`.
+    pub sender: String,
+    pub recipients: Vec<String>,
+    pub submission: Submission,
+    /// The complete message as it will be sent (headers and body, CRLF lines).
+    pub content: Vec<u8>,
+}
+
+/// What recovery found when the store was opened.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RecoveryReport {
+    /// Messages in the queue.
+    pub messages: usize,
+    /// Recipients not yet final.
+    pub pending_recipients: usize,
+    /// Messages put back in the schedule (including ones claimed when the
+    /// previous process stopped).
+    pub scheduled: usize,
+    /// Contents without an envelope, removed.
+    pub orphans_removed: usize,
+    /// Records that could not be decoded; left in place and reported.
+    pub corrupt: Vec<QueueId>,
+}
+
+/// The result of one delivery attempt for one recipient.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Delivered { reply: String },
+    Deferred { reply: String, next_attempt_ms: u64 },
+    Bounced { reply: String },
+    Expired { reply: String },
+}
+
+/// What became of a message after outcomes were recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterOutcome {
+    /// Every recipient is final; the message and its content are gone.
+    Complete,
+    /// Some recipients remain; the message is due again at this time (or
+    /// waits for release, when held).
+    Pending { next_due_ms: Option<u64> },
+    /// The message was deleted while it was being delivered.
+    Gone,
+}
+
+/// Filters for [`Queue::list`]. Every field that is set must match.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    /// A recipient's domain (case-insensitive).
+    pub domain: Option<String>,
+    pub tenant: Option<String>,
+    pub state: Option<MessageState>,
+    /// Received before this time (ms since the epoch).
+    pub received_before_ms: Option<u64>,
+    /// The envelope sender (case-insensitive).
+    pub sender: Option<String>,
+    pub limit: Option<usize>,
+}
+
+impl Filter {
+    pub fn matches(&self, rec: &MessageRecord) -> bool {
+        if let Some(d) = &self.domain {
+            let d = d.to_lowercase();
+            if !rec
+                .recipients
+                .iter()
+                .any(|r| !r.state.is_final() && r.domain == d)
+            {
+                return false;
+            }
+        }
+        if let Some(t) = &self.tenant
+            && rec.tenant.as_deref() != Some(t.as_str())
+        {
+            return false;
+        }
+        if let Some(s) = self.state
+            && rec.state() != s
+        {
+            return false;
+        }
+        if let Some(before) = self.received_before_ms
+            && rec.received_ms >= before
+        {
+            return false;
+        }
+        if let Some(s) = &self.sender
+            && !rec.sender.eq_ignore_ascii_case(s)
+        {
+            return false;
+        }
+        true
+    }
+}
+
+/// How [`Queue::summary`] groups messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SummaryBy {
+    Domain,
+    Tenant,
+}
+
+/// One row of a qshape-style summary.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SummaryRow {
+    /// The destination domain or tenant.
+    pub key: String,
+    pub messages: u64,
+    pub recipients: u64,
+    /// Messages by age: `counts[i]` are younger than `bounds_minutes[i]`, the
+    /// last holds the rest.
+    pub counts: Vec<u64>,
+}
+
+/// Messages and recipients by domain (or tenant) and age.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Summary {
+    pub bounds_minutes: Vec<u64>,
+    pub total: SummaryRow,
+    /// Sorted by message count, largest first.
+    pub rows: Vec<SummaryRow>,
+}
+
+/// Age buckets of Postfix's qshape, in minutes.
+pub const QSHAPE_BUCKETS: &[u64] = &[5, 10, 20, 40, 80, 160, 320, 640, 1280];
+
+struct Inner {
+    db: sled::Db,
+    tree: sled::Tree,
+    commit: GroupCommit,
+    ids: IdGenerator,
+    claimed: Mutex<HashSet<QueueId>>,
+}
+
+/// The durable queue. Cheap to clone; all clones share one store.
+#[derive(Clone)]
+pub struct Queue {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Queue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Queue").finish_non_exhaustive()
+    }
+}
+
+fn open_db(config: &QueueConfig) -> Result<sled::Db, QueueError> {
+    std::fs::create_dir_all(&config.path).map_err(|e| {
+        QueueError::Store(sled::Error::Io(std::io::Error::new(
+            e.kind(),
+            format!("creating {}: {e}", config.path.display()),
+        )))
+    })?;
+    sled::Config::new()
+        .path(&config.path)
+        .cache_capacity(config.cache_capacity)
+        .mode(sled::Mode::HighThroughput)
+        // Our own group commit decides durability; this only bounds how
+        // long unacknowledged writes (claims, holds) stay in memory.
+        .flush_every_ms(Some(1000))
+        .open()
+        .map_err(|e| match e {
+            sled::Error::Io(ref io) if io.kind() == std::io::ErrorKind::WouldBlock => {
+                QueueError::Locked {
+                    path: config.path.clone(),
+                }
+            }
+            sled::Error::Io(ref io) if io.to_string().contains("lock") => QueueError::Locked {
+                path: config.path.clone(),
+            },
+            other => QueueError::Store(other),
+        })
+}
+
+impl Queue {
+    /// Opens (or creates) the store and recovers it: rebuilds the schedule
+    /// from the records, so messages that were being delivered when the last
+    /// process stopped are due again, and removes orphaned contents.
+    pub fn open(config: &QueueConfig) -> Result<(Queue, RecoveryReport), QueueError> {
+        let db = open_db(config)?;
+        let tree = db.open_tree("queue")?;
+        let report = recover(&tree)?;
+        db.flush()?;
+        Ok((Self::from_parts(db, tree)?, report))
+    }
+
+    /// Opens the store for reading only (no recovery writes), for offline
+    /// inspection while no daemon runs.
+    pub fn open_for_inspection(path: &Path) -> Result<Queue, QueueError> {
+        let db = open_db(&QueueConfig::new(path))?;
+        let tree = db.open_tree("queue")?;
+        Self::from_parts(db, tree)
+    }
+
+    fn from_parts(db: sled::Db, tree: sled::Tree) -> Result<Queue, QueueError> {
+        let last = tree
+            .scan_prefix([MSG])
+            .keys()
+            .next_back()
+            .transpose()?
+            .and_then(|k| id_from_key(&k))
+            .map(QueueId::as_u64)
+            .unwrap_or(0);
+        Ok(Queue {
+            inner: Arc::new(Inner {
+                commit: GroupCommit::start(db.clone()),
+                db,
+                tree,
+                ids: IdGenerator::starting_after(last),
+                claimed: Mutex::new(HashSet::new()),
+            }),
+        })
+    }
+
+    /// A fresh ID for a message about to be enqueued.
+    pub fn next_id(&self, now_ms: u64) -> QueueId {
+        self.inner.ids.next(now_ms)
+    }
+
+    /// Stores a message with all its recipients due at once.
+    ///
+    /// **The commit point.** One atomic batch writes the envelope, the content
+    /// and the schedule key; then the call waits for a group commit (fsync).
+    /// When it returns `Ok`, the message survives `kill -9` and power loss:
+    /// only then may the caller say `250`. On `Err` nothing of the message is
+    /// left behind (the batch is undone if the fsync failed), and the caller
+    /// answers `451 4.3.0` so the client retries.
+    pub async fn enqueue(&self, msg: NewMessage) -> Result<(), QueueError> {
+        let id = msg.id;
+        let batch = self.enqueue_batch(msg);
+        self.inner.tree.apply_batch(batch)?;
+        if let Err(e) = self.inner.commit.durable().await {
+            self.undo_enqueue(id);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn enqueue_batch(&self, msg: NewMessage) -> sled::Batch {
+        let due = msg.received_ms;
+        let mut seen = HashSet::new();
+        let recipients = msg
+            .recipients
+            .into_iter()
+            .filter(|r| seen.insert(r.to_lowercase()))
+            .map(|r| RecipientRecord::new(r, due))
+            .collect();
+        let record = MessageRecord {
+            id: msg.id,
+            received_ms: msg.received_ms,
+            tenant: msg.tenant,
+            sender: msg.sender,
+            size: msg.content.len() as u64,
+            submission: msg.submission,
+            held: false,
+            recipients,
+            scheduled_ms: Some(due),
+        };
+        let mut batch = sled::Batch::default();
+        batch.insert(&key(BODY, msg.id), msg.content);
+        batch.insert(&key(MSG, msg.id), record.encode());
+        batch.insert(&sched_key(due, msg.id), &[]);
+        batch
+    }
+
+    fn undo_enqueue(&self, id: QueueId) {
+        // Best effort: the store just failed. If this fails too, recovery
+        // keeps the message, and the client's retry may send it twice:
+        // twice is acceptable, never zero times.
+        let Ok(Some(bytes)) = self.inner.tree.get(key(MSG, id)) else {
+            return;
+        };
+        let mut batch = sled::Batch::default();
+        if let Ok(rec) = MessageRecord::decode(id, &bytes)
+            && let Some(s) = rec.scheduled_ms
+        {
+            batch.remove(&sched_key(s, id));
+        }
+        batch.remove(&key(MSG, id));
+        batch.remove(&key(BODY, id));
+        let _ = self.inner.tree.apply_batch(batch);
+    }
+
+    /// Takes up to `limit` messages that are due at `now_ms` and not held.
+    /// A message is never claimed twice at once: it stays out of the
+    /// schedule until its outcomes are recorded or the [`Claim`] is dropped.
+    pub fn claim_due(&self, now_ms: u64, limit: usize) -> Result<Vec<Claim>, QueueError> {
+        let mut claims = Vec::new();
+        let end = sched_key(now_ms.saturating_add(1), QueueId::from_u64(0));
+        for entry in self.inner.tree.range([SCHED].as_slice()..end.as_slice()) {
+            if claims.len() >= limit {
+                break;
+            }
+            let (k, _) = entry?;
+            let Some(id) = id_from_key(&k) else { continue };
+            if self
+                .inner
+                .claimed
+                .lock()
+                .expect("claims lock")
+                .contains(&id)
+            {
+                continue;
+            }
+            // Whoever removes the key owns the message.
+            if self.inner.tree.remove(&k)?.is_none() {
+                continue;
+            }
+            let Some(bytes) = self.inner.tree.get(key(MSG, id))? else {
+                continue;
+            };
+            let record = MessageRecord::decode(id, &bytes)?;
+            if record.held || record.is_complete() {
+                continue;
+            }
+            self.inner.claimed.lock().expect("claims lock").insert(id);
+            claims.push(Claim {
+                record,
+                queue: Arc::downgrade(&self.inner),
+                settled: false,
+            });
+        }
+        Ok(claims)
+    }
+
+    /// The stored content of a message.
+    pub fn content(&self, id: QueueId) -> Result<Vec<u8>, QueueError> {
+        self.inner
+            .tree
+            .get(key(BODY, id))?
+            .map(|v| v.to_vec())
+            .ok_or(QueueError::NotFound(id))
+    }
+
+    /// Records the outcome of an attempt for some recipients of a claimed
+    /// message (by index into `claim.record.recipients`) and settles the
+    /// claim. Durable when it returns `Ok`: the caller may then write the
+    /// final log records. A complete message is removed with its content.
+    pub async fn record_outcomes(
+        &self,
+        mut claim: Claim,
+        outcomes: Vec<(usize, Outcome)>,
+    ) -> Result<AfterOutcome, QueueError> {
+        let id = claim.record.id;
+        let result = self.update(id, true, |rec| {
+            for (index, outcome) in &outcomes {
+                let Some(r) = rec.recipients.get_mut(*index) else {
+                    continue;
+                };
+                if r.state.is_final() {
+                    continue;
+                }
+                match outcome {
+                    Outcome::Delivered { reply } => {
+                        r.state = RecipientState::Delivered;
+                        r.attempts += 1;
+                        r.last_reply = Some(reply.clone());
+                    }
+                    Outcome::Deferred {
+                        reply,
+                        next_attempt_ms,
+                    } => {
+                        r.state = RecipientState::Deferred;
+                        r.attempts += 1;
+                        r.next_attempt_ms = *next_attempt_ms;
+                        r.last_reply = Some(reply.clone());
+                    }
+                    Outcome::Bounced { reply } => {
+                        r.state = RecipientState::Bounced;
+                        r.attempts += 1;
+                        r.last_reply = Some(reply.clone());
+                    }
+                    Outcome::Expired { reply } => {
+                        r.state = RecipientState::Expired;
+                        r.last_reply = Some(reply.clone());
+                    }
+                }
+            }
+        });
+        claim.settle();
+        let after = result?;
+        self.inner.commit.durable().await?;
+        Ok(after)
+    }
+
+    /// Holds a message: it is not attempted until released. A delivery
+    /// already under way finishes.
+    pub async fn hold(&self, id: QueueId) -> Result<MessageRecord, QueueError> {
+        self.change(id, |rec| rec.held = true).await
+    }
+
+    /// Releases a held message; it is due at its recipients' next attempt times.
+    pub async fn release(&self, id: QueueId) -> Result<MessageRecord, QueueError> {
+        self.change(id, |rec| rec.held = false).await
+    }
+
+    /// Makes every pending recipient of a message due at `now_ms`.
+    pub async fn retry_now(&self, id: QueueId, now_ms: u64) -> Result<MessageRecord, QueueError> {
+        self.change(id, |rec| {
+            for r in rec.recipients.iter_mut().filter(|r| !r.state.is_final()) {
+                r.next_attempt_ms = r.next_attempt_ms.min(now_ms);
+            }
+        })
+        .await
+    }
+
+    /// Removes a message and its content. Returns what it was, so the caller
+    /// can write one final record per pending recipient.
+    pub async fn delete(&self, id: QueueId) -> Result<MessageRecord, QueueError> {
+        let removed = self.transact(|tx| {
+            let Some(bytes) = tx.get(key(MSG, id))? else {
+                return Ok(None);
+            };
+            let rec =
+                MessageRecord::decode(id, &bytes).map_err(ConflictableTransactionError::Abort)?;
+            if let Some(s) = rec.scheduled_ms {
+                tx.remove(&sched_key(s, id))?;
+            }
+            tx.remove(&key(MSG, id))?;
+            tx.remove(&key(BODY, id))?;
+            Ok(Some(rec))
+        })?;
+        let rec = removed.ok_or(QueueError::NotFound(id))?;
+        self.inner.commit.durable().await?;
+        Ok(rec)
+    }
+
+    async fn change(
+        &self,
+        id: QueueId,
+        f: impl Fn(&mut MessageRecord),
+    ) -> Result<MessageRecord, QueueError> {
+        let mut out = None;
+        match self.update(id, false, |rec| {
+            f(rec);
+            out = Some(rec.clone());
+        })? {
+            AfterOutcome::Gone => return Err(QueueError::NotFound(id)),
+            AfterOutcome::Complete | AfterOutcome::Pending { .. } => {}
+        }
+        self.inner.commit.durable().await?;
+        out.ok_or(QueueError::NotFound(id))
+    }
+
+    /// Read-modify-write of one record in a transaction, keeping the
+    /// schedule index in step and removing the message once complete.
+    /// `settling` is true when the caller is the claim's owner recording its
+    /// outcome; anyone else leaves a claimed message's schedule key to the
+    /// claim, which puts it back when it settles or is dropped.
+    fn update(
+        &self,
+        id: QueueId,
+        settling: bool,
+        f: impl FnMut(&mut MessageRecord),
+    ) -> Result<AfterOutcome, QueueError> {
+        let f = std::cell::RefCell::new(f);
+        let claimed = !settling
+            && self
+                .inner
+                .claimed
+                .lock()
+                .expect("claims lock")
+                .contains(&id);
+        self.transact(|tx| {
+            let Some(bytes) = tx.get(key(MSG, id))? else {
+                return Ok(AfterOutcome::Gone);
+            };
+            let mut rec =
+                MessageRecord::decode(id, &bytes).map_err(ConflictableTransactionError::Abort)?;
+            (f.borrow_mut())(&mut rec);
+            if let Some(s) = rec.scheduled_ms.take() {
+                tx.remove(&sched_key(s, id))?;
+            }
+            if rec.is_complete() {
+                tx.remove(&key(MSG, id))?;
+                tx.remove(&key(BODY, id))?;
+                return Ok(AfterOutcome::Complete);
+            }
+            let next = rec.next_due_ms();
+            if !rec.held
+                && let Some(due) = next
+            {
+                rec.scheduled_ms = Some(due);
+                // While claimed, the delivery in progress settles the schedule.
+                if !claimed {
+                    tx.insert(&sched_key(due, id), &[])?;
+                }
+            }
+            tx.insert(&key(MSG, id), rec.encode())?;
+            Ok(AfterOutcome::Pending { next_due_ms: next })
+        })
+    }
+
+    fn transact<T>(
+        &self,
+        f: impl Fn(&TransactionalTree) -> Result<T, ConflictableTransactionError<QueueError>>,
+    ) -> Result<T, QueueError> {
+        self.inner.tree.transaction(f).map_err(|e| match e {
+            TransactionError::Abort(e) => e,
+            TransactionError::Storage(e) => QueueError::Store(e),
+        })
+    }
+
+    /// One message's record.
+    pub fn get(&self, id: QueueId) -> Result<MessageRecord, QueueError> {
+        let bytes = self
+            .inner
+            .tree
+            .get(key(MSG, id))?
+            .ok_or(QueueError::NotFound(id))?;
+        MessageRecord::decode(id, &bytes)
+    }
+
+    /// Messages matching `filter`, oldest first.
+    pub fn list(&self, filter: &Filter) -> Result<Vec<MessageRecord>, QueueError> {
+        let mut out = Vec::new();
+        for rec in self.records() {
+            let rec = rec?;
+            if filter.matches(&rec) {
+                out.push(rec);
+                if filter.limit.is_some_and(|l| out.len() >= l) {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every record, oldest first.
+    pub fn records(&self) -> impl Iterator<Item = Result<MessageRecord, QueueError>> + '_ {
+        self.inner.tree.scan_prefix([MSG]).map(|entry| {
+            let (k, v) = entry?;
+            let id = id_from_key(&k).expect("message keys hold an id");
+            MessageRecord::decode(id, &v)
+        })
+    }
+
+    /// A qshape-style summary of pending messages at `now_ms`.
+    pub fn summary(&self, now_ms: u64, by: SummaryBy) -> Result<Summary, QueueError> {
+        let bounds: Vec<u64> = QSHAPE_BUCKETS.to_vec();
+        let empty_row = |key: String| SummaryRow {
+            key,
+            messages: 0,
+            recipients: 0,
+            counts: vec![0; bounds.len() + 1],
+        };
+        let mut rows: BTreeMap<String, SummaryRow> = BTreeMap::new();
+        let mut total = empty_row("TOTAL".into());
+        for rec in self.records() {
+            let rec = rec?;
+            let age_min = now_ms.saturating_sub(rec.received_ms) / 60_000;
+            let bucket = bounds
+                .iter()
+                .position(|&b| age_min < b)
+                .unwrap_or(bounds.len());
+            let mut per_key: BTreeMap<String, u64> = BTreeMap::new();
+            for r in rec.recipients.iter().filter(|r| !r.state.is_final()) {
+                let k = match by {
+                    SummaryBy::Domain => r.domain.clone(),
+                    SummaryBy::Tenant => rec.tenant.clone().unwrap_or_else(|| "-".into()),
+                };
+                *per_key.entry(k).or_default() += 1;
+            }
+            let pending: u64 = per_key.values().sum();
+            if pending == 0 {
+                continue;
+            }
+            total.messages += 1;
+            total.recipients += pending;
+            total.counts[bucket] += 1;
+            for (k, n) in per_key {
+                let row = rows.entry(k.clone()).or_insert_with(|| empty_row(k));
+                row.messages += 1;
+                row.recipients += n;
+                row.counts[bucket] += 1;
+            }
+        }
+        let mut rows: Vec<SummaryRow> = rows.into_values().collect();
+        rows.sort_by(|a, b| b.messages.cmp(&a.messages).then(a.key.cmp(&b.key)));
+        Ok(Summary {
+            bounds_minutes: bounds,
+            total,
+            rows,
+        })
+    }
+
+    /// Number of messages in the queue.
+    pub fn len(&self) -> usize {
+        self.inner.tree.scan_prefix([MSG]).count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.inner.tree.scan_prefix([MSG]).next().is_none()
+    }
+
+    /// Flush statistics since the store was opened.
+    pub fn commit_stats(&self) -> CommitStats {
+        self.inner.commit.stats()
+    }
+
+    /// Bytes the store occupies on disk.
+    pub fn size_on_disk(&self) -> Result<u64, QueueError> {
+        Ok(self.inner.db.size_on_disk()?)
+    }
+
+    /// Waits until everything written so far is durable (used at shutdown).
+    pub fn sync(&self) -> Result<(), QueueError> {
+        self.inner.commit.durable_blocking()
+    }
+}
+
+/// A message taken for delivery. Record its outcomes with
+/// [`Queue::record_outcomes`]; dropped without that, the message goes back
+/// in the schedule unchanged.
+///
+/// A claim does not keep the store open: once the queue is dropped, an
+/// unsettled claim is left to recovery at the next start.
+pub struct Claim {
+    pub record: MessageRecord,
+    queue: Weak<Inner>,
+    settled: bool,
+}
+
+impl Claim {
+    fn settle(&mut self) {
+        self.settled = true;
+        if let Some(inner) = self.queue.upgrade() {
+            inner
+                .claimed
+                .lock()
+                .expect("claims lock")
+                .remove(&self.record.id);
+        }
+    }
+}
+
+impl Inner {
+    /// Puts a claimed message back in the schedule without recording anything.
+    fn unclaim(&self, id: QueueId) {
+        let result = (|| -> Result<(), QueueError> {
+            if let Some(bytes) = self.tree.get(key(MSG, id))? {
+                let rec = MessageRecord::decode(id, &bytes)?;
+                if !rec.held
+                    && let Some(s) = rec.scheduled_ms
+                {
+                    self.tree.insert(sched_key(s, id), &[])?;
+                }
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            // Recovery at the next start puts it back; say so now.
+            tracing::error!(queue_id = %id, error = %e, "could not return a claimed message to the schedule");
+        }
+        self.claimed.lock().expect("claims lock").remove(&id);
+    }
+}
+
+impl std::fmt::Debug for Claim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Claim")
+            .field("id", &self.record.id)
+            .finish()
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        if !self.settled
+            && let Some(inner) = self.queue.upgrade()
+        {
+            inner.unclaim(self.record.id);
+        }
+    }
+}
+
+fn recover(tree: &sled::Tree) -> Result<RecoveryReport, QueueError> {
+    let mut report = RecoveryReport::default();
+    let mut batch = sled::Batch::default();
+    for k in tree.scan_prefix([SCHED]).keys() {
+        batch.remove(k?);
+    }
+    let mut ids = HashSet::new();
+    for entry in tree.scan_prefix([MSG]) {
+        let (k, v) = entry?;
+        let Some(id) = id_from_key(&k) else { continue };
+        ids.insert(id);
+        let mut rec = match MessageRecord::decode(id, &v) {
+            Ok(rec) => rec,
+            Err(e) => {
+                tracing::error!(queue_id = %id, error = %e, "corrupt queue record left in place");
+                report.corrupt.push(id);
+                continue;
+            }
+        };
+        report.messages += 1;
+        report.pending_recipients += rec
+            .recipients
+            .iter()
+            .filter(|r| !r.state.is_final())
+            .count();
+        let due = if rec.held { None } else { rec.next_due_ms() };
+        if let Some(due) = due {
+            batch.insert(&sched_key(due, id), &[]);
+            report.scheduled += 1;
+        }
+        if rec.scheduled_ms != due {
+            rec.scheduled_ms = due;
+            batch.insert(&k, rec.encode());
+        }
+    }
+    for k in tree.scan_prefix([BODY]).keys() {
+        let k = k?;
+        if let Some(id) = id_from_key(&k)
+            && !ids.contains(&id)
+        {
+            batch.remove(k);
+            report.orphans_removed += 1;
+        }
+    }
+    tree.apply_batch(batch)?;
+    Ok(report)
+}

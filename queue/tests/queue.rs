@@ -1,0 +1,428 @@
+//! The queue's contract, through its public API, on a real sled store.
+
+use queue::{
+    AfterOutcome, Filter, MessageState, NewMessage, Outcome, Queue, QueueConfig, QueueError,
+    RecipientState, Submission, SummaryBy,
+};
+
+const T0: u64 = 1_800_000_000_000;
+const MIN: u64 = 60_000;
+
+fn open(dir: &tempfile::TempDir) -> Queue {
+    Queue::open(&QueueConfig::new(dir.path().join("queue")))
+        .unwrap()
+        .0
+}
+
+fn message(q: &Queue, at: u64, tenant: &str, rcpts: &[&str]) -> NewMessage {
+    NewMessage {
+        id: q.next_id(at),
+        received_ms: at,
+        tenant: Some(tenant.into()),
+        sender: format!("news@{tenant}.example"),
+        recipients: rcpts.iter().map(|s| s.to_string()).collect(),
+        submission: Submission {
+            peer_ip: Some("127.0.0.1".into()),
+            ..Default::default()
+        },
+        content: format!("Subject: hi\r\n\r\nbody for {rcpts:?}\r\n").into_bytes(),
+    }
+}
+
+#[tokio::test]
+async fn an_enqueued_message_survives_reopening_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = open(&dir);
+    let msg = message(&q, T0, "acme", &["a@dest.example", "b@dest.example"]);
+    let id = msg.id;
+    let content = msg.content.clone();
+    q.enqueue(msg).await.unwrap();
+    drop(q);
+
+    let (q, report) = Queue::open(&QueueConfig::new(dir.path().join("queue"))).unwrap();
+    assert_eq!(report.messages, 1);
+    assert_eq!(report.pending_recipients, 2);
+    assert_eq!(report.scheduled, 1);
+    let rec = q.get(id).unwrap();
+    assert_eq!(rec.sender, "news@acme.example");
+    assert_eq!(rec.tenant.as_deref(), Some("acme"));
+    assert_eq!(rec.size, content.len() as u64);
+    assert!(
+        rec.recipients
+            .iter()
+            .all(|r| r.state == RecipientState::Queued)
+    );
+    assert_eq!(q.content(id).unwrap(), content);
+    // New IDs continue after the stored ones even if the clock went back.
+    assert!(q.next_id(T0 - 10 * MIN) > id);
+}
+
+#[tokio::test]
+async fn duplicate_recipients_are_stored_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = open(&dir);
+    let msg = message(
+        &q,
+        T0,
+        "acme",
+        &["a@d.example", "A@D.example", "b@d.example"],
+    );
+    let id = msg.id;
+    q.enqueue(msg).await.unwrap();
+    assert_eq!(q.get(id).unwrap().recipients.len(), 2);
+}
+
+#[tokio::test]
+async fn a_message_is_never_claimed_twice_and_returns_when_a_claim_is_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = open(&dir);
+    let msg = message(&q, T0, "acme", &["a@d.example"]);
+    let id = msg.id;
+    q.enqueue(msg).await.unwrap();
+
+    assert!(
+        q.claim_due(T0 - 1, 10).unwrap().is_empty(),
+        "not due before reception"
+    );
+    let claims = q.claim_due(T0, 10).unwrap();
+    assert_eq!(claims.len(), 1);
+    assert_eq!(claims[0].record.id, id);
+    assert!(
+        q.claim_due(T0 + MIN, 10).unwrap().is_empty(),
+        "claimed twice"
+    );
+    drop(claims);
+    let again = q.claim_due(T0 + MIN, 10).unwrap();
+    assert_eq!(again.len(), 1, "a dropped claim puts the message back");
+}
+
+#[tokio::test]
+async fn concurrent_claimers_split_the_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = open(&dir);
+    for i in 0..200 {
+        q.enqueue(message(&q, T0 + i, "acme", &["a@d.example"]))
+            .await
+            .unwrap();
+    }
+    let mut handles = Vec::new();
+    for _ in 0..4 {
+        let q = q.clone();
+        handles.push(std::thread::spawn(move || {
+            let mut ids = Vec::new();
+            loop {
+                let claims = q.claim_due(T0 + 1000, 7).unwrap();
+                if claims.is_empty() {
+                    break;
+                }
+                for c in claims {
+                    ids.push(c.record.id);
+                    std::mem::forget(c); // keep it claimed
+                }
+            }
+            ids
+        }));
+    }
+    let mut all: Vec<_> = handles
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect();
+    let n = all.len();
+    all.sort();
+    all.dedup();
+    assert_eq!(n, 200);
+    assert_eq!(all.len(), 200, "some message was claimed twice");
+}
+
+#[tokio::test]
+async fn outcomes_are_per_recipient_and_a_complete_message_is_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = open(&dir);
+    let msg = message(
+        &q,
+        T0,
+        "acme",
+        &["ok@d.example", "later@d.example", "no@d.example"],
+    );
+    let id = msg.id;
+    q.enqueue(msg).await.unwrap();
+
+    let claim = q.claim_due(T0, 1).unwrap().pop().unwrap();
+    let after = q
+        .record_outcomes(
+            claim,
+            vec![
+                (
+                    0,
+                    Outcome::Delivered {
+                        reply: "250 2.0.0 ok".into(),
+                    },
+                ),
+                (
+                    1,
+                    Outcome::Deferred {
+                        reply: "451 4.7.1 later".into(),
+                        next_attempt_ms: T0 + 5 * MIN,
+                    },
+                ),
+                (
+                    2,
+                    Outcome::Bounced {
+                        reply: "550 5.1.1 no such user".into(),
+                    },
+                ),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        after,
+        AfterOutcome::Pending {
+            next_due_ms: Some(T0 + 5 * MIN)
+        }
+    );
+    let rec = q.get(id).unwrap();
+    let states: Vec<_> = rec.recipients.iter().map(|r| r.state).collect();
+    assert_eq!(
+        states,
+        [
+            RecipientState::Delivered,
+            RecipientState::Deferred,
+            RecipientState::Bounced
+        ]
+    );
+    assert_eq!(rec.recipients[1].attempts, 1);
+    assert_eq!(
+        rec.recipients[1].last_reply.as_deref(),
+        Some("451 4.7.1 later")
+    );
+    assert_eq!(rec.state(), MessageState::Deferred);
+
+    assert!(
+        q.claim_due(T0 + 4 * MIN, 10).unwrap().is_empty(),
+        "due too early"
+    );
+    let claim = q.claim_due(T0 + 5 * MIN, 10).unwrap().pop().unwrap();
+    let after = q
+        .record_outcomes(
+            claim,
+            vec![(
+                1,
+                Outcome::Delivered {
+                    reply: "250 ok".into(),
+                },
+            )],
+        )
+        .await
+        .unwrap();
+    assert_eq!(after, AfterOutcome::Complete);
+    assert!(matches!(q.get(id), Err(QueueError::NotFound(_))));
+    assert!(matches!(q.content(id), Err(QueueError::NotFound(_))));
+    assert!(q.is_empty());
+}
+
+#[tokio::test]
+async fn held_messages_are_not_due_until_released() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = open(&dir);
+    let msg = message(&q, T0, "acme", &["a@d.example"]);
+    let id = msg.id;
+    q.enqueue(msg).await.unwrap();
+    let rec = q.hold(id).await.unwrap();
+    assert_eq!(rec.state(), MessageState::Held);
+    assert!(q.claim_due(T0 + MIN, 10).unwrap().is_empty());
+
+    // Still held after a restart.
+    drop(q);
+    let q = open(&dir);
+    assert!(q.claim_due(T0 + MIN, 10).unwrap().is_empty());
+    q.release(id).await.unwrap();
+    assert_eq!(q.claim_due(T0 + MIN, 10).unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn hold_during_delivery_stops_the_next_attempt() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = open(&dir);
+    let msg = message(&q, T0, "acme", &["a@d.example"]);
+    let id = msg.id;
+    q.enqueue(msg).await.unwrap();
+    let claim = q.claim_due(T0, 1).unwrap().pop().unwrap();
+    q.hold(id).await.unwrap();
+    q.record_outcomes(
+        claim,
+        vec![(
+            0,
+            Outcome::Deferred {
+                reply: "421".into(),
+                next_attempt_ms: T0 + MIN,
+            },
+        )],
+    )
+    .await
+    .unwrap();
+    assert!(q.claim_due(T0 + 10 * MIN, 10).unwrap().is_empty());
+    q.release(id).await.unwrap();
+    assert_eq!(q.claim_due(T0 + 10 * MIN, 10).unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn retry_now_and_delete() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = open(&dir);
+    let msg = message(&q, T0, "acme", &["a@d.example"]);
+    let id = msg.id;
+    q.enqueue(msg).await.unwrap();
+    let claim = q.claim_due(T0, 1).unwrap().pop().unwrap();
+    q.record_outcomes(
+        claim,
+        vec![(
+            0,
+            Outcome::Deferred {
+                reply: "451".into(),
+                next_attempt_ms: T0 + 60 * MIN,
+            },
+        )],
+    )
+    .await
+    .unwrap();
+    assert!(q.claim_due(T0 + MIN, 10).unwrap().is_empty());
+    q.retry_now(id, T0 + MIN).await.unwrap();
+    assert_eq!(q.claim_due(T0 + MIN, 10).unwrap().len(), 1);
+
+    let removed = q.delete(id).await.unwrap();
+    assert_eq!(removed.id, id);
+    assert!(matches!(q.delete(id).await, Err(QueueError::NotFound(_))));
+    assert!(q.claim_due(u64::MAX - 1, 10).unwrap().is_empty());
+    assert!(matches!(q.hold(id).await, Err(QueueError::NotFound(_))));
+}
+
+#[tokio::test]
+async fn a_message_claimed_when_the_process_died_is_due_again_after_recovery() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = open(&dir);
+    let msg = message(&q, T0, "acme", &["a@d.example"]);
+    let id = msg.id;
+    q.enqueue(msg).await.unwrap();
+    let claim = q.claim_due(T0, 1).unwrap().pop().unwrap();
+    // A crash: the claim never settles and never runs its Drop.
+    std::mem::forget(claim);
+    q.sync().unwrap();
+    drop(q);
+
+    let (q, report) = Queue::open(&QueueConfig::new(dir.path().join("queue"))).unwrap();
+    assert_eq!(report.scheduled, 1);
+    let claims = q.claim_due(T0, 10).unwrap();
+    assert_eq!(claims.len(), 1);
+    assert_eq!(claims[0].record.id, id);
+}
+
+#[tokio::test]
+async fn list_filters_and_summary() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = open(&dir);
+    q.enqueue(message(
+        &q,
+        T0,
+        "acme",
+        &["a@gmail.example", "b@yahoo.example"],
+    ))
+    .await
+    .unwrap();
+    q.enqueue(message(&q, T0 + 30 * MIN, "acme", &["c@gmail.example"]))
+        .await
+        .unwrap();
+    let bank = message(&q, T0 + 50 * MIN, "bank", &["d@gmail.example"]);
+    let bank_id = bank.id;
+    q.enqueue(bank).await.unwrap();
+    q.hold(bank_id).await.unwrap();
+
+    let all = q.list(&Filter::default()).unwrap();
+    assert_eq!(all.len(), 3);
+    assert!(all.windows(2).all(|w| w[0].id < w[1].id), "oldest first");
+    let by_domain = |d: &str| Filter {
+        domain: Some(d.into()),
+        ..Default::default()
+    };
+    assert_eq!(q.list(&by_domain("YAHOO.example")).unwrap().len(), 1);
+    assert_eq!(q.list(&by_domain("gmail.example")).unwrap().len(), 3);
+    let f = Filter {
+        tenant: Some("bank".into()),
+        ..Default::default()
+    };
+    assert_eq!(q.list(&f).unwrap()[0].id, bank_id);
+    let f = Filter {
+        state: Some(MessageState::Held),
+        ..Default::default()
+    };
+    assert_eq!(q.list(&f).unwrap().len(), 1);
+    let f = Filter {
+        received_before_ms: Some(T0 + 40 * MIN),
+        ..Default::default()
+    };
+    assert_eq!(q.list(&f).unwrap().len(), 2);
+    let f = Filter {
+        sender: Some("NEWS@bank.example".into()),
+        ..Default::default()
+    };
+    assert_eq!(q.list(&f).unwrap().len(), 1);
+    let f = Filter {
+        limit: Some(2),
+        ..Default::default()
+    };
+    assert_eq!(q.list(&f).unwrap().len(), 2);
+
+    let s = q.summary(T0 + 60 * MIN, SummaryBy::Domain).unwrap();
+    assert_eq!(s.total.messages, 3);
+    assert_eq!(s.total.recipients, 4);
+    assert_eq!(s.rows[0].key, "gmail.example");
+    assert_eq!(s.rows[0].messages, 3);
+    // Ages 60, 30 and 10 minutes: buckets <80, <40 and <20.
+    let bucket = |minutes: u64| s.bounds_minutes.iter().position(|&b| minutes < b).unwrap();
+    assert_eq!(s.rows[0].counts[bucket(60)], 1);
+    assert_eq!(s.rows[0].counts[bucket(30)], 1);
+    assert_eq!(s.rows[0].counts[bucket(10)], 1);
+    assert_eq!(s.rows[1].key, "yahoo.example");
+    let s = q.summary(T0 + 60 * MIN, SummaryBy::Tenant).unwrap();
+    assert_eq!(s.rows[0].key, "acme");
+    assert_eq!(s.rows[0].messages, 2);
+}
+
+#[tokio::test]
+async fn concurrent_writers_share_fsyncs() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = open(&dir);
+    let before = q.commit_stats();
+    let mut tasks = Vec::new();
+    for i in 0..64 {
+        let q = q.clone();
+        tasks.push(tokio::spawn(async move {
+            q.enqueue(message(&q, T0 + i, "acme", &["a@d.example"]))
+                .await
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let after = q.commit_stats();
+    let flushes = after.flushes - before.flushes;
+    let waiters = after.waiters - before.waiters;
+    assert_eq!(waiters, 64);
+    assert!(
+        flushes < waiters,
+        "{flushes} flushes for {waiters} writers: no group commit"
+    );
+    assert_eq!(q.len(), 64);
+}
+
+#[tokio::test]
+async fn a_second_opener_is_told_the_store_is_in_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let _q = open(&dir);
+    let err = Queue::open(&QueueConfig::new(dir.path().join("queue"))).unwrap_err();
+    assert!(matches!(err, QueueError::Locked { .. }), "{err:?}");
+    assert!(
+        err.to_string().contains("is an mta daemon running"),
+        "{err}"
+    );
+}
