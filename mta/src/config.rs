@@ -374,6 +374,14 @@ pub struct QueueConfig {
     pub encryption_key_file: Option<PathBuf>,
     /// Memory for the store's page cache, in MiB. Default 64.
     pub cache_mb: u64,
+    /// Free space (MiB) kept in reserve on the queue's filesystem: below it,
+    /// new mail is refused with `452 4.3.1` so the store never fills the
+    /// disk mid-write. Default 100.
+    pub min_free_mb: u64,
+    /// How long a write may wait for its fsync before the store is declared
+    /// failed (reception then answers 451 until a restart). Default "30s".
+    #[serde(deserialize_with = "duration")]
+    pub commit_timeout: Duration,
 }
 
 impl Default for QueueConfig {
@@ -381,6 +389,8 @@ impl Default for QueueConfig {
         QueueConfig {
             encryption_key_file: None,
             cache_mb: 64,
+            min_free_mb: 100,
+            commit_timeout: Duration::from_secs(30),
         }
     }
 }

@@ -19,7 +19,7 @@ use crate::clock::Clock;
 use crate::config::Config;
 use crate::log::{LogError, LogWriterGuard, TransactionLog};
 use crate::policy::{Policy, Tenant};
-use crate::server::{ConnectionLimits, Receiver, Timeouts, accept_loop};
+use crate::server::{ConnectionLimits, Receiver, StorageGuard, Timeouts, accept_loop};
 use crate::smtp::SessionConfig;
 use crate::tls::{self, CertSource, TlsError};
 
@@ -119,6 +119,7 @@ impl Daemon {
 
         let mut qc = QueueConfig::new(queue_path(&data_dir));
         qc.cache_capacity = config.queue.cache_mb * 1024 * 1024;
+        qc.commit_timeout = config.queue.commit_timeout;
         let (queue, recovery) = tokio::task::spawn_blocking(move || Queue::open(&qc))
             .await
             .expect("queue open does not panic")?;
@@ -143,6 +144,11 @@ impl Daemon {
         let policy = Arc::new(policy(config));
         let users = Arc::new(Users::from_config(&config.tenants));
         let s = &config.smtp;
+        let storage = StorageGuard::new(
+            queue_path(&data_dir),
+            config.queue.min_free_mb * 1024 * 1024,
+        );
+        storage.check(0);
         let session = Arc::new(SessionConfig {
             hostname,
             max_message_size: s.max_message_size,
@@ -152,6 +158,7 @@ impl Daemon {
             starttls: true,
             auth: !users.is_empty(),
             policy: policy.clone(),
+            storage_low: storage.flag(),
         });
         let receiver = Arc::new(Receiver {
             session,
@@ -169,10 +176,25 @@ impl Daemon {
                 handshake: s.tls_handshake_timeout,
                 auth_failure_delay: s.auth_failure_delay,
             },
+            storage,
         });
 
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut acceptors = Vec::new();
+        // Free space is checked with every message, and here every second so
+        // that MAIL is refused (and accepted again) without waiting for one.
+        {
+            let rx = receiver.clone();
+            let mut stop = shutdown_rx.clone();
+            acceptors.push(tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => { rx.storage.check(0); }
+                        _ = stop.wait_for(|&s| s) => return,
+                    }
+                }
+            }));
+        }
         let mut smtp_addrs = Vec::new();
         let mut smtps_addrs = Vec::new();
         for (addrs, implicit, bound) in [

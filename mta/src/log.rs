@@ -5,8 +5,11 @@
 //! UTC); fields that do not apply are left out, never written as null.
 //!
 //! Records are serialized and written by one thread, off the async reactor.
-//! The queue is the truth about messages; the log is written after the fact
-//! (a record may be lost in a crash, a stored state never is).
+//! [`TransactionLog::write_acked`] waits until its record has been handed to
+//! the operating system (written, not fsynced): reception uses it for the
+//! Reception record before it answers 250, so `kill -9` after a 250 cannot
+//! lose the record. Power loss can lose the last records; the queue, which
+//! is fsynced, stays the truth about messages.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, BufWriter, Write};
@@ -168,6 +171,8 @@ pub enum LogError {
 
 enum Msg {
     Record(Box<Record>),
+    /// A record whose sender waits until it is written.
+    Acked(Box<Record>, tokio::sync::oneshot::Sender<()>),
     Flush(mpsc::SyncSender<()>),
     /// Write out what came before and stop.
     Close,
@@ -249,6 +254,17 @@ impl TransactionLog {
         }
     }
 
+    /// Writes a record and resolves once it is in the file (in the
+    /// operating system's hands; no fsync).
+    pub async fn write_acked(&self, record: Record) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self.tx.send(Msg::Acked(Box::new(record), tx)).is_err() {
+            tracing::error!("transaction log writer has stopped; a record was lost");
+            return;
+        }
+        let _ = rx.await;
+    }
+
     /// Waits until every record written before this call is in the file.
     pub fn flush(&self) {
         let (tx, rx) = mpsc::sync_channel(1);
@@ -258,57 +274,79 @@ impl TransactionLog {
     }
 }
 
-fn writer(dir: PathBuf, rx: mpsc::Receiver<Msg>) {
-    let mut current: Option<(time::Date, BufWriter<File>)> = None;
-    let mut line = Vec::with_capacity(1024);
-    'run: while let Ok(first) = rx.recv() {
-        let mut next = Some(first);
-        while let Some(msg) = next.take() {
-            match msg {
-                Msg::Close => break 'run,
-                Msg::Record(record) => {
-                    let day = record.timestamp().to_offset(time::UtcOffset::UTC).date();
-                    if current.as_ref().is_none_or(|(d, _)| *d != day) {
-                        if let Some((_, mut w)) = current.take() {
-                            let _ = w.flush();
-                        }
-                        let path = dir.join(file_name(day));
-                        match OpenOptions::new().create(true).append(true).open(&path) {
-                            Ok(f) => current = Some((day, BufWriter::with_capacity(64 * 1024, f))),
-                            Err(e) => {
-                                tracing::error!(path = %path.display(), error = %e, "cannot open transaction log file");
-                            }
-                        }
-                    }
-                    line.clear();
-                    if serde_json::to_writer(&mut line, &record).is_ok() {
-                        line.push(b'\n');
-                        if let Some((_, w)) = current.as_mut()
-                            && let Err(e) = w.write_all(&line)
-                        {
-                            tracing::error!(error = %e, "cannot write the transaction log");
-                        }
-                    }
+/// The open file of the current day, and a reused line buffer.
+struct Files {
+    dir: PathBuf,
+    current: Option<(time::Date, BufWriter<File>)>,
+    line: Vec<u8>,
+}
+
+impl Files {
+    fn append(&mut self, record: &Record) {
+        let day = record.timestamp().to_offset(time::UtcOffset::UTC).date();
+        if self.current.as_ref().is_none_or(|(d, _)| *d != day) {
+            self.flush();
+            let path = self.dir.join(file_name(day));
+            self.current = match OpenOptions::new().create(true).append(true).open(&path) {
+                Ok(f) => Some((day, BufWriter::with_capacity(64 * 1024, f))),
+                Err(e) => {
+                    tracing::error!(path = %path.display(), error = %e, "cannot open transaction log file");
+                    None
                 }
-                Msg::Flush(done) => {
-                    if let Some((_, w)) = current.as_mut() {
-                        let _ = w.flush();
-                    }
-                    let _ = done.send(());
-                }
-            }
-            next = rx.try_recv().ok();
+            };
         }
-        // Nothing more waiting: write out what we have.
-        if let Some((_, w)) = current.as_mut()
+        self.line.clear();
+        if serde_json::to_writer(&mut self.line, record).is_ok() {
+            self.line.push(b'\n');
+            if let Some((_, w)) = self.current.as_mut()
+                && let Err(e) = w.write_all(&self.line)
+            {
+                tracing::error!(error = %e, "cannot write the transaction log");
+            }
+        }
+    }
+
+    fn flush(&mut self) {
+        if let Some((_, w)) = self.current.as_mut()
             && let Err(e) = w.flush()
         {
             tracing::error!(error = %e, "cannot write the transaction log");
         }
     }
-    if let Some((_, mut w)) = current {
-        let _ = w.flush();
+}
+
+fn writer(dir: PathBuf, rx: mpsc::Receiver<Msg>) {
+    let mut files = Files {
+        dir,
+        current: None,
+        line: Vec::with_capacity(1024),
+    };
+    let mut acks = Vec::new();
+    'run: while let Ok(first) = rx.recv() {
+        let mut next = Some(first);
+        while let Some(msg) = next.take() {
+            match msg {
+                Msg::Close => break 'run,
+                Msg::Flush(done) => {
+                    files.flush();
+                    let _ = done.send(());
+                }
+                Msg::Record(record) => files.append(&record),
+                Msg::Acked(record, ack) => {
+                    files.append(&record);
+                    acks.push(ack);
+                }
+            }
+            next = rx.try_recv().ok();
+        }
+        // Nothing more waiting: write out what we have, then release the
+        // writers waiting for their records.
+        files.flush();
+        for ack in acks.drain(..) {
+            let _ = ack.send(());
+        }
     }
+    files.flush();
 }
 
 /// Every record in `dir`, oldest file first, in the order written.

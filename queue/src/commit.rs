@@ -7,7 +7,8 @@
 //! each flush covers every write of the waiters it wakes. Under load, many
 //! sessions share one fsync; alone, a writer waits for exactly one.
 
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -42,11 +43,16 @@ pub struct CommitStats {
     pub flush_time: Duration,
 }
 
+/// Once a flush fails or does not finish in time, the store is failed:
+/// sled 0.34 waits forever for a write that hit an I/O error (ENOSPC), so
+/// no later flush can be trusted until the process restarts and recovers.
 #[derive(Debug)]
 pub(crate) struct GroupCommit {
     tx: Option<mpsc::Sender<Waiter>>,
     thread: Option<thread::JoinHandle<()>>,
     stats: std::sync::Arc<std::sync::Mutex<CommitStats>>,
+    timeout: Duration,
+    failed: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Waiter {
@@ -56,22 +62,32 @@ impl std::fmt::Debug for Waiter {
 }
 
 impl GroupCommit {
-    pub(crate) fn start(db: sled::Db) -> Self {
+    pub(crate) fn start(db: sled::Db, timeout: Duration) -> Self {
         let (tx, rx) = mpsc::channel::<Waiter>();
         let stats = std::sync::Arc::new(std::sync::Mutex::new(CommitStats::default()));
-        let thread_stats = stats.clone();
+        let failed = Arc::new(AtomicBool::new(false));
+        let (thread_stats, thread_failed) = (stats.clone(), failed.clone());
         let thread = thread::Builder::new()
             .name("queue-commit".into())
-            .spawn(move || run(db, rx, thread_stats))
+            .spawn(move || run(db, rx, thread_stats, thread_failed))
             .expect("spawning the queue commit thread");
         GroupCommit {
             tx: Some(tx),
             thread: Some(thread),
             stats,
+            timeout,
+            failed,
         }
     }
 
+    pub(crate) fn is_failed(&self) -> bool {
+        self.failed.load(Ordering::Relaxed)
+    }
+
     fn register(&self, waiter: Waiter) -> Result<(), QueueError> {
+        if self.is_failed() {
+            return Err(QueueError::Failed);
+        }
         self.tx
             .as_ref()
             .ok_or(QueueError::Closed)?
@@ -79,18 +95,47 @@ impl GroupCommit {
             .map_err(|_| QueueError::Closed)
     }
 
+    /// Marks the store failed after an error sled treats as fatal.
+    pub(crate) fn fail(&self, error: &QueueError) {
+        if !self.failed.swap(true, Ordering::Relaxed) {
+            tracing::error!(
+                %error,
+                "the queue store failed; reception answers 451 until mta is restarted (check free space and I/O errors first)"
+            );
+        }
+    }
+
+    fn timed_out(&self) -> QueueError {
+        self.failed.store(true, Ordering::Relaxed);
+        tracing::error!(
+            timeout = ?self.timeout,
+            "the queue's fsync did not finish in time; the store is marked failed and reception answers 451 until mta is restarted (check free space and I/O errors first)"
+        );
+        QueueError::Flush(format!(
+            "the write was not confirmed within {:?}",
+            self.timeout
+        ))
+    }
+
     /// Resolves once everything written before this call is on stable storage.
     pub(crate) async fn durable(&self) -> Result<(), QueueError> {
         let (tx, rx) = oneshot::channel();
         self.register(Waiter::Async(tx))?;
-        rx.await.map_err(|_| QueueError::Closed)?
+        match tokio::time::timeout(self.timeout, rx).await {
+            Ok(r) => r.map_err(|_| QueueError::Closed)?,
+            Err(_) => Err(self.timed_out()),
+        }
     }
 
     /// The same, blocking the calling thread (shutdown paths, tests).
     pub(crate) fn durable_blocking(&self) -> Result<(), QueueError> {
         let (tx, rx) = mpsc::sync_channel(1);
         self.register(Waiter::Blocking(tx))?;
-        rx.recv().map_err(|_| QueueError::Closed)?
+        match rx.recv_timeout(self.timeout) {
+            Ok(r) => r,
+            Err(mpsc::RecvTimeoutError::Timeout) => Err(self.timed_out()),
+            Err(mpsc::RecvTimeoutError::Disconnected) => Err(QueueError::Closed),
+        }
     }
 
     pub(crate) fn stats(&self) -> CommitStats {
@@ -103,7 +148,11 @@ impl Drop for GroupCommit {
     /// once the queue is dropped (a reopen right after must succeed).
     fn drop(&mut self) {
         drop(self.tx.take());
-        if let Some(t) = self.thread.take() {
+        // A failed store's thread may be stuck inside sled for good; waiting
+        // for it would hang shutdown. The process is about to restart anyway.
+        if let Some(t) = self.thread.take()
+            && !self.is_failed()
+        {
             let _ = t.join();
         }
     }
@@ -113,6 +162,7 @@ fn run(
     db: sled::Db,
     rx: mpsc::Receiver<Waiter>,
     stats: std::sync::Arc<std::sync::Mutex<CommitStats>>,
+    failed: Arc<AtomicBool>,
 ) {
     let mut batch: Vec<Waiter> = Vec::new();
     // Ends when every GroupCommit (and so every sender) is dropped.
@@ -125,7 +175,8 @@ fn run(
             .map(|_| ())
             .map_err(|e| QueueError::Flush(e.to_string()));
         if let Err(e) = &result {
-            tracing::error!(error = %e, "queue flush failed");
+            failed.store(true, Ordering::Relaxed);
+            tracing::error!(error = %e, "queue flush failed; the store is marked failed until mta is restarted");
         }
         {
             let mut s = stats.lock().expect("stats lock");

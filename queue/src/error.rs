@@ -27,6 +27,11 @@ pub enum QueueError {
     #[error("could not make the queue durable (fsync failed): {0}")]
     Flush(String),
 
+    /// An earlier write failed or timed out; nothing more is accepted until
+    /// the process restarts and recovers the store.
+    #[error("the queue store failed earlier (see the log); restart mta once the disk is healthy")]
+    Failed,
+
     /// The commit thread is gone (the queue is shutting down).
     #[error("the queue is shutting down")]
     Closed,

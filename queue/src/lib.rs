@@ -22,6 +22,13 @@
 //!   after the new recipient states are durable, so the caller writes final
 //!   log records for states that are already stored. A crash between a
 //!   remote `250` and that store can deliver twice, never zero times.
+//! * **A failing disk.** Every wait for an fsync is bounded
+//!   ([`QueueConfig::commit_timeout`]). A flush that fails or times out marks
+//!   the store failed: sled 0.34 never finishes a flush after a write error
+//!   such as ENOSPC, so from then on every `enqueue` fails at once (451 for
+//!   the client) until the process restarts and recovers from what reached
+//!   the disk. Reception keeps free space in reserve so that a full disk is
+//!   refused before sled meets it.
 //! * **Restart.** [`Queue::open`] rebuilds the schedule from the records: a
 //!   message claimed for delivery when the process died (cleanly or by
 //!   `kill -9`) is due again. A message is never claimed twice at once

@@ -56,6 +56,9 @@ pub struct QueueConfig {
     pub path: PathBuf,
     /// Bytes of sled's page cache. Bounds the store's share of memory.
     pub cache_capacity: u64,
+    /// How long a write may wait for its fsync before the store is declared
+    /// failed (a disk that stopped answering, or sled after ENOSPC).
+    pub commit_timeout: std::time::Duration,
 }
 
 impl QueueConfig {
@@ -63,6 +66,7 @@ impl QueueConfig {
         QueueConfig {
             path: path.into(),
             cache_capacity: 64 * 1024 * 1024,
+            commit_timeout: std::time::Duration::from_secs(30),
         }
     }
 }
@@ -257,18 +261,23 @@ impl Queue {
         let tree = db.open_tree("queue")?;
         let report = recover(&tree)?;
         db.flush()?;
-        Ok((Self::from_parts(db, tree)?, report))
+        Ok((Self::from_parts(db, tree, config.commit_timeout)?, report))
     }
 
     /// Opens the store for reading only (no recovery writes), for offline
     /// inspection while no daemon runs.
     pub fn open_for_inspection(path: &Path) -> Result<Queue, QueueError> {
-        let db = open_db(&QueueConfig::new(path))?;
+        let config = QueueConfig::new(path);
+        let db = open_db(&config)?;
         let tree = db.open_tree("queue")?;
-        Self::from_parts(db, tree)
+        Self::from_parts(db, tree, config.commit_timeout)
     }
 
-    fn from_parts(db: sled::Db, tree: sled::Tree) -> Result<Queue, QueueError> {
+    fn from_parts(
+        db: sled::Db,
+        tree: sled::Tree,
+        commit_timeout: std::time::Duration,
+    ) -> Result<Queue, QueueError> {
         let last = tree
             .scan_prefix([MSG])
             .keys()
@@ -279,7 +288,7 @@ impl Queue {
             .unwrap_or(0);
         Ok(Queue {
             inner: Arc::new(Inner {
-                commit: GroupCommit::start(db.clone()),
+                commit: GroupCommit::start(db.clone(), commit_timeout),
                 db,
                 tree,
                 ids: IdGenerator::starting_after(last),
@@ -302,9 +311,20 @@ impl Queue {
     /// left behind (the batch is undone if the fsync failed), and the caller
     /// answers `451 4.3.0` so the client retries.
     pub async fn enqueue(&self, msg: NewMessage) -> Result<(), QueueError> {
+        if self.inner.commit.is_failed() {
+            return Err(QueueError::Failed);
+        }
         let id = msg.id;
         let batch = self.enqueue_batch(msg);
-        self.inner.tree.apply_batch(batch)?;
+        if let Err(e) = self.inner.tree.apply_batch(batch) {
+            let e = QueueError::Store(e);
+            // sled keeps an I/O error (ENOSPC above all) as fatal to the
+            // instance: nothing after it can be trusted to reach the disk.
+            if matches!(e, QueueError::Store(sled::Error::Io(_))) {
+                self.inner.commit.fail(&e);
+            }
+            return Err(e);
+        }
         if let Err(e) = self.inner.commit.durable().await {
             self.undo_enqueue(id);
             return Err(e);
@@ -667,6 +687,12 @@ impl Queue {
 
     pub fn is_empty(&self) -> bool {
         self.inner.tree.scan_prefix([MSG]).next().is_none()
+    }
+
+    /// An earlier write failed or timed out: the store accepts nothing more
+    /// until the process restarts.
+    pub fn is_failed(&self) -> bool {
+        self.inner.commit.is_failed()
     }
 
     /// Flush statistics since the store was opened.

@@ -1,1 +1,24 @@
-//! placeholder
+//! Conformance and end-to-end tests of the mta against real peers, and the
+//! benchmark harness.
+//!
+//! Tests live in `tests/`, one file per area, each case naming the RFC
+//! section or the fault it covers; fixtures (data) live under
+//! `fixtures/<rfc>/`. This library holds what they share:
+//!
+//! - [`server::TestServer`]: the daemon started in-process on port 0 with a
+//!   temporary data directory, with helpers that wait for transaction log
+//!   records.
+//! - [`server::DaemonProcess`]: the real program (`spec-mta`, the same entry
+//!   point as `mta`) as a child process, for kill -9 and restart tests.
+//! - [`client::Client`]: a blocking SMTP client over real sockets and real
+//!   TLS, which sends exactly the bytes a test gives it (pipelining,
+//!   smuggling, over-long lines).
+//! - [`dialogue`]: the `.smtp` fixture format and its runner.
+//! - [`tools`]: running independent clients (Python smtplib, swaks).
+//!
+//! Nothing here is needed by the daemon.
+
+pub mod client;
+pub mod dialogue;
+pub mod server;
+pub mod tools;

@@ -7,6 +7,7 @@
 //! password check off the reactor, storing the message).
 
 mod limits;
+mod storage;
 mod stream;
 
 use std::net::{IpAddr, SocketAddr};
@@ -20,6 +21,7 @@ use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
 pub use limits::{ConnectionLimits, Slot};
+pub use storage::{StorageGuard, available_bytes};
 use stream::Stream;
 
 use crate::auth::{AuthThrottle, Users};
@@ -54,6 +56,7 @@ pub struct Receiver {
     pub clock: Arc<dyn Clock>,
     pub tls: Option<TlsAcceptor>,
     pub timeouts: Timeouts,
+    pub storage: StorageGuard,
 }
 
 impl std::fmt::Debug for Receiver {
@@ -192,6 +195,11 @@ impl Receiver {
             Err(reply) => return Err(refuse(reply, &env)),
         };
         let size = prepared.content.len() as u64;
+        // The store writes the message and its record; twice the size keeps
+        // the estimate on the safe side.
+        if !self.storage.check(size.saturating_mul(2)) {
+            return Err(refuse(replies::insufficient_storage(), &env));
+        }
         let message = NewMessage {
             id,
             received_ms: millis(now),
@@ -214,16 +222,19 @@ impl Receiver {
         }
         let mut info = info;
         info.tenant = env.tenant.clone();
-        self.log.write(Record::Reception(log::Reception {
-            timestamp: timestamp(self.clock.as_ref()),
-            queue_id: id_text.clone(),
-            session: info,
-            protocol: env.protocol(),
-            sender: env.sender,
-            recipients: env.recipients,
-            size,
-            message_id: prepared.message_id,
-        }));
+        // Written before the 250: a crash after the reply cannot lose it.
+        self.log
+            .write_acked(Record::Reception(log::Reception {
+                timestamp: timestamp(self.clock.as_ref()),
+                queue_id: id_text.clone(),
+                session: info,
+                protocol: env.protocol(),
+                sender: env.sender,
+                recipients: env.recipients,
+                size,
+                message_id: prepared.message_id,
+            }))
+            .await;
         Ok(id_text)
     }
 }

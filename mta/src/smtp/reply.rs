@@ -118,6 +118,13 @@ pub mod replies {
             "Too many errors; closing the connection",
         )
     }
+    pub fn insufficient_storage() -> Reply {
+        Reply::new(
+            451,
+            Status(4, 3, 1),
+            "Insufficient system storage; please try again later",
+        )
+    }
     pub fn storage_failure() -> Reply {
         Reply::new(
             451,

@@ -15,6 +15,7 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -46,6 +47,8 @@ pub struct SessionConfig {
     /// Some user is configured, so AUTH may be offered (after TLS).
     pub auth: bool,
     pub policy: Arc<Policy>,
+    /// Set while the queue's disk is short of space: MAIL gets 452 4.3.1.
+    pub storage_low: Arc<AtomicBool>,
 }
 
 /// The remote end of the session.
@@ -436,50 +439,56 @@ impl Session {
         }
     }
 
+    /// The longest line acceptable in the current state (RFC 4954 §4 raises
+    /// the limit for AUTH lines and SASL responses).
+    fn line_limit(&self, line_start: &[u8]) -> usize {
+        if !matches!(self.state, State::Command)
+            || line_start.len() >= 5 && line_start[..5].eq_ignore_ascii_case(b"AUTH ")
+        {
+            MAX_AUTH_LINE
+        } else {
+            MAX_COMMAND_LINE
+        }
+    }
+
     /// The next complete line without its CRLF. `Some(Err(()))`: a line was
     /// consumed and refused (too long, bare LF).
     fn next_line(&mut self) -> Option<Result<Vec<u8>, ()>> {
         let pending = self.pending();
-        match memchr::memchr(b'\n', pending) {
-            Some(i) => {
-                let raw = &pending[..i];
-                let (line, bare_lf) = match raw.strip_suffix(b"\r") {
-                    Some(l) => (l.to_vec(), false),
-                    None => (raw.to_vec(), true),
-                };
-                self.consume(i + 1);
-                if std::mem::take(&mut self.discarding) {
-                    self.current = "UNKNOWN";
-                    self.reply(replies::line_too_long());
-                    return Some(Err(()));
-                }
-                if bare_lf {
-                    self.current = "UNKNOWN";
-                    self.reply(Reply::new(
-                        500,
-                        Status(5, 5, 2),
-                        "Bare LF in command: lines must end with CRLF",
-                    ));
-                    return Some(Err(()));
-                }
-                Some(Ok(line))
+        let limit = self.line_limit(pending);
+        let Some(i) = memchr::memchr(b'\n', pending) else {
+            let n = pending.len();
+            if n > limit {
+                // Throw the line away as it comes; answer once it ends.
+                self.discarding = true;
+                self.consume(n);
             }
-            None => {
-                let limit = if !matches!(self.state, State::Command)
-                    || pending.len() >= 5 && pending[..5].eq_ignore_ascii_case(b"AUTH ")
-                {
-                    MAX_AUTH_LINE
-                } else {
-                    MAX_COMMAND_LINE
-                };
-                let n = pending.len();
-                if n > limit {
-                    self.discarding = true;
-                    self.consume(n);
-                }
-                None
-            }
+            return None;
+        };
+        let raw = &pending[..i];
+        let too_long = i + 1 > limit;
+        let (line, bare_lf) = match raw.strip_suffix(b"\r") {
+            Some(l) => (l.to_vec(), false),
+            None => (raw.to_vec(), true),
+        };
+        self.consume(i + 1);
+        if std::mem::take(&mut self.discarding) || too_long {
+            self.current = "UNKNOWN";
+            self.state = State::Command;
+            self.reply(replies::line_too_long());
+            return Some(Err(()));
         }
+        if bare_lf {
+            self.current = "UNKNOWN";
+            self.state = State::Command;
+            self.reply(Reply::new(
+                500,
+                Status(5, 5, 2),
+                "Bare LF in command: lines must end with CRLF",
+            ));
+            return Some(Err(()));
+        }
+        Some(Ok(line))
     }
 
     fn command(&mut self, line: &[u8]) -> Option<Step> {
@@ -579,6 +588,14 @@ impl Session {
         }
         if params.size.is_some_and(|s| s > self.cfg.max_message_size) {
             return self.reply(replies::message_too_big(self.cfg.max_message_size));
+        }
+        if self.cfg.storage_low.load(Ordering::Relaxed) {
+            // RFC 1870 §6.1 / RFC 3463: the system is short of storage.
+            return self.reply(Reply::new(
+                452,
+                Status(4, 3, 1),
+                "Insufficient system storage; try again later",
+            ));
         }
         let domain = from.as_ref().map(|m| m.domain_str().to_string());
         let tenant = match (&self.auth, &domain) {

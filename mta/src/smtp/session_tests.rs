@@ -14,6 +14,7 @@ fn config() -> SessionConfig {
         max_auth_failures: 2,
         starttls: true,
         auth: true,
+        storage_low: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         policy: Arc::new(Policy {
             allowed_networks: vec![],
             relay_networks: vec![],
@@ -486,6 +487,21 @@ fn recipient_limit_is_452_and_the_rest_still_sends() {
 }
 
 #[test]
+fn mail_is_refused_with_452_while_storage_is_low() {
+    let cfg = config();
+    let low = cfg.storage_low.clone();
+    let mut t = T::new(cfg, true, false);
+    t.say("EHLO c\r\n");
+    low.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        t.say("MAIL FROM:<n@acme.example>\r\n")
+            .starts_with("452 4.3.1")
+    );
+    low.store(false, std::sync::atomic::Ordering::Relaxed);
+    assert!(t.say("MAIL FROM:<n@acme.example>\r\n").starts_with("250"));
+}
+
+#[test]
 fn declared_size_over_the_limit_is_refused_at_mail() {
     let mut t = T::relay();
     t.say("EHLO c\r\n");
@@ -530,6 +546,26 @@ fn over_long_command_lines_are_refused_and_the_session_goes_on() {
     t.s.feed(&long.as_bytes()[1500..]);
     assert!(matches!(t.s.advance(), Step::NeedInput));
     assert_eq!(codes(&t.out()), ["500", "250"]);
+}
+
+#[test]
+fn an_over_long_command_line_arriving_whole_is_refused() {
+    let mut t = T::relay();
+    let out = t.say(&format!("NOOP {}\r\nNOOP\r\n", "x".repeat(996)));
+    assert_eq!(codes(&out), ["500", "250"], "{out}");
+    // Exactly at the limit: 1000 bytes including CRLF.
+    let out = t.say(&format!("NOOP {}\r\n", "x".repeat(993)));
+    assert_eq!(codes(&out), ["250"], "{out}");
+}
+
+#[test]
+fn long_auth_responses_are_allowed_up_to_the_sasl_limit() {
+    let mut t = T::new(config(), false, true);
+    t.say("EHLO c\r\n");
+    let step = t.send(format!("AUTH PLAIN {}\r\n", "A".repeat(2000)).as_bytes());
+    assert!(!matches!(step, Step::Close));
+    let out = t.out();
+    assert!(!out.starts_with("500"), "{out}");
 }
 
 #[test]

@@ -1,0 +1,155 @@
+//! The durability contract with the real program: a message answered 250
+//! survives `kill -9` and a clean stop, and the restarted daemon recovers it.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use spec_tests::client::{Client, message};
+use spec_tests::server::{DaemonProcess, queued_id, run_cli};
+
+/// Queue IDs listed by `mta queue list --offline --json`.
+fn offline_ids(data_dir: &std::path::Path) -> BTreeSet<String> {
+    let (code, out, err) = run_cli(
+        &[
+            "queue",
+            "list",
+            "--offline",
+            "--json",
+            "--data-dir",
+            data_dir.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "queue list failed: {err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("JSON from queue list");
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn submit(addr: std::net::SocketAddr, n: usize) -> Vec<String> {
+    let mut c = Client::connect(addr);
+    c.ehlo();
+    (0..n)
+        .map(|i| {
+            let replies = c.send_message(
+                "news@x.example",
+                &["a@dest.example"],
+                &message("news@x.example", "a@dest.example", &format!("m{i}")),
+            );
+            queued_id(replies.last().unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn kill_9_after_250_loses_nothing_and_a_restart_recovers_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = DaemonProcess::start(dir.path(), "");
+    let data_dir = d.data_dir.clone();
+    let first: BTreeSet<String> = submit(d.addr, 3).into_iter().collect();
+    d.kill9();
+
+    // The store opens cleanly and holds every accepted message.
+    assert_eq!(offline_ids(&data_dir), first);
+
+    let d = DaemonProcess::start(dir.path(), "");
+    let second = submit(d.addr, 1);
+    let status = d.terminate();
+    assert!(
+        status.success(),
+        "SIGTERM should stop the daemon cleanly: {status}"
+    );
+    let stderr = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| {
+            let p = e.unwrap().path();
+            p.file_name()?
+                .to_str()?
+                .starts_with("stderr-")
+                .then(|| std::fs::read_to_string(p).unwrap())
+        })
+        .collect::<String>();
+    assert!(stderr.contains("queue recovered messages=3"), "{stderr}");
+
+    let mut all = first.clone();
+    all.extend(second);
+    assert_eq!(offline_ids(&data_dir), all);
+
+    // Each accepted message is in the log once.
+    let receptions: Vec<_> = spec_tests::server::read_log(&data_dir)
+        .into_iter()
+        .filter_map(|r| match r {
+            mta::log::Record::Reception(r) => Some(r.queue_id),
+            _ => None,
+        })
+        .collect();
+    assert!(first.iter().all(|id| receptions.contains(id)));
+}
+
+#[test]
+fn kill_9_during_a_load_keeps_every_message_that_got_250() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = DaemonProcess::start(dir.path(), "");
+    let data_dir = d.data_dir.clone();
+    let accepted = Arc::new(Mutex::new(BTreeSet::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers: Vec<_> = (0..4)
+        .map(|w| {
+            let (accepted, stop, addr) = (accepted.clone(), stop.clone(), d.addr);
+            std::thread::spawn(move || {
+                let Ok(mut c) = Client::try_connect(addr) else {
+                    return;
+                };
+                c.set_read_timeout(Duration::from_secs(5));
+                if c.cmd("EHLO load.test").code != 250 {
+                    return;
+                }
+                let mut i = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let body = message("news@x.example", "a@dest.example", &format!("w{w} m{i}"));
+                    c.send(
+                        "MAIL FROM:<news@x.example>
+RCPT TO:<a@dest.example>
+DATA
+",
+                    );
+                    let ok = (0..3).all(|_| c.try_reply().is_ok_and(|r| r.code < 400));
+                    if !ok {
+                        return;
+                    }
+                    c.send(format!("{body}.\r\n"));
+                    match c.try_reply() {
+                        Ok(r) if r.code == 250 => {
+                            accepted.lock().unwrap().insert(queued_id(&r));
+                        }
+                        _ => return, // killed mid-transaction: not accepted
+                    }
+                    i += 1;
+                }
+            })
+        })
+        .collect();
+    // Let the load run, then kill without warning.
+    spec_tests::server::eventually("some messages accepted", || {
+        (accepted.lock().unwrap().len() >= 200).then_some(())
+    });
+    d.kill9();
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.join().unwrap();
+    }
+    let accepted = accepted.lock().unwrap().clone();
+    let stored = offline_ids(&data_dir);
+    let lost: Vec<_> = accepted.difference(&stored).collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {} accepted messages lost: {lost:?}",
+        lost.len(),
+        accepted.len()
+    );
+}
