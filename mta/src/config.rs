@@ -376,7 +376,7 @@ pub struct QueueConfig {
     pub cache_mb: u64,
     /// Free space (MiB) kept in reserve on the queue's filesystem: below it,
     /// new mail is refused with `452 4.3.1` so the store never fills the
-    /// disk mid-write. Default 100.
+    /// disk mid-write. 0 turns the check off. Default 100.
     pub min_free_mb: u64,
     /// How long a write may wait for its fsync before the store is declared
     /// failed (reception then answers 451 until a restart). Default "30s".

@@ -255,6 +255,16 @@ impl Daemon {
         }
         let queue = self.receiver.queue.clone();
         let _ = tokio::task::spawn_blocking(move || queue.sync()).await;
+        let stats = self.receiver.queue.commit_stats();
+        tracing::info!(
+            flushes = stats.flushes,
+            writes_per_flush = format!("{:.1}", stats.waiters as f64 / stats.flushes.max(1) as f64),
+            ms_per_flush = format!(
+                "{:.2}",
+                stats.flush_time.as_secs_f64() * 1000.0 / stats.flushes.max(1) as f64
+            ),
+            "queue commits since start"
+        );
         self.receiver.log.flush();
         drop(self.receiver);
         drop(self.log_guard);

@@ -1,8 +1,9 @@
 //! Group commit: one fsync makes every write that came before it durable.
 //!
-//! Writers apply their batch to sled, then wait here. A single thread takes
-//! every waiter that has arrived, calls `flush` (which writes and fsyncs
-//! sled's log), and wakes them all. Because a waiter registers only after its
+//! Writers write their content and apply their batch to sled, then wait
+//! here. A single thread takes every waiter that has arrived, makes all
+//! completed writes durable (fdatasync of the content segments written,
+//! sled's flush, fdatasync of sled's file), and wakes them all. Because a waiter registers only after its
 //! write was applied, and the thread drains the waiters before it flushes,
 //! each flush covers every write of the waiters it wakes. Under load, many
 //! sessions share one fsync; alone, a writer waits for exactly one.
@@ -62,14 +63,18 @@ impl std::fmt::Debug for Waiter {
 }
 
 impl GroupCommit {
-    pub(crate) fn start(db: sled::Db, timeout: Duration) -> Self {
+    /// Starts the commit thread; `flush` makes every completed write durable.
+    pub(crate) fn start(
+        flush: impl FnMut() -> Result<(), QueueError> + Send + 'static,
+        timeout: Duration,
+    ) -> Self {
         let (tx, rx) = mpsc::channel::<Waiter>();
         let stats = std::sync::Arc::new(std::sync::Mutex::new(CommitStats::default()));
         let failed = Arc::new(AtomicBool::new(false));
         let (thread_stats, thread_failed) = (stats.clone(), failed.clone());
         let thread = thread::Builder::new()
             .name("queue-commit".into())
-            .spawn(move || run(db, rx, thread_stats, thread_failed))
+            .spawn(move || run(flush, rx, thread_stats, thread_failed))
             .expect("spawning the queue commit thread");
         GroupCommit {
             tx: Some(tx),
@@ -159,7 +164,7 @@ impl Drop for GroupCommit {
 }
 
 fn run(
-    db: sled::Db,
+    mut flush: impl FnMut() -> Result<(), QueueError>,
     rx: mpsc::Receiver<Waiter>,
     stats: std::sync::Arc<std::sync::Mutex<CommitStats>>,
     failed: Arc<AtomicBool>,
@@ -170,10 +175,7 @@ fn run(
         batch.push(first);
         batch.extend(rx.try_iter());
         let started = Instant::now();
-        let result = db
-            .flush()
-            .map(|_| ())
-            .map_err(|e| QueueError::Flush(e.to_string()));
+        let result = flush().map_err(|e| QueueError::Flush(e.to_string()));
         if let Err(e) = &result {
             failed.store(true, Ordering::Relaxed);
             tracing::error!(error = %e, "queue flush failed; the store is marked failed until mta is restarted");

@@ -8,16 +8,24 @@
 //!
 //! # Durability guarantee
 //!
-//! * **Commit point.** [`Queue::enqueue`] writes a message's envelope,
-//!   content and schedule key in one atomic sled batch, then waits for a
-//!   group commit: a dedicated thread calls sled's `flush` (write and fsync
-//!   of the log) for all writers waiting at that moment. `enqueue` returns
-//!   `Ok` only after that fsync succeeded, and only then may reception answer
-//!   `250`. Concurrent sessions share one fsync (group commit), so durability
-//!   is the default, not a slow mode.
-//! * **Nothing half-written.** A batch is all or nothing. If the fsync fails,
-//!   `enqueue` undoes the batch and returns an error; reception answers
-//!   `451 4.3.0` and the client keeps the message.
+//! * **Layout.** `<path>/index/` is a sled database of envelopes,
+//!   per-recipient state and the schedule; `<path>/content/` holds message
+//!   content in append-only segment files (see `content.rs` for why sled
+//!   does not hold it).
+//! * **Commit point.** [`Queue::enqueue`] writes the content to the current
+//!   segment, then the envelope (with the content's place and CRC) and the
+//!   schedule key in one atomic sled batch, then waits for a group commit: a
+//!   dedicated thread fdatasyncs the segments written, flushes sled and
+//!   fdatasyncs sled's file (sled's own flush stops at `sync_file_range`),
+//!   for all writers waiting at that moment. `enqueue` returns `Ok` only
+//!   after that, and only then may reception answer `250`. Concurrent
+//!   sessions share one fsync (group commit), so durability is the default,
+//!   not a slow mode.
+//! * **Nothing half-written.** The envelope batch is all or nothing, and
+//!   content without an envelope is garbage that recovery removes. If the
+//!   commit fails, `enqueue` undoes the batch and returns an error;
+//!   reception answers `451 4.3.0` and the client keeps the message. Content
+//!   is read back through a CRC check.
 //! * **Outcomes before log records.** [`Queue::record_outcomes`] returns only
 //!   after the new recipient states are durable, so the caller writes final
 //!   log records for states that are already stored. A crash between a
@@ -33,12 +41,16 @@
 //!   message claimed for delivery when the process died (cleanly or by
 //!   `kill -9`) is due again. A message is never claimed twice at once
 //!   within a process.
-//! * **Space.** Once every recipient of a message is final, its envelope and
-//!   content are removed in the same transaction that records the last outcome.
+//! * **Space.** Once every recipient of a message is final, its envelope is
+//!   removed in the transaction that records the last outcome, and its
+//!   content is released once that is durable; a segment file is deleted
+//!   when nothing in it is live. (A long-deferred message keeps its whole
+//!   segment; compaction of such segments is to come with delivery.)
 //!
 //! The store is not encrypted yet (see the data-protection issue).
 
 mod commit;
+mod content;
 mod error;
 mod id;
 mod record;

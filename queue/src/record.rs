@@ -5,6 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::content::ContentRef;
 use crate::error::QueueError;
 use crate::id::QueueId;
 
@@ -118,6 +119,8 @@ pub struct MessageRecord {
     pub recipients: Vec<RecipientRecord>,
     /// The time under which the message sits in the schedule index, if it does.
     pub(crate) scheduled_ms: Option<u64>,
+    /// Where the content is.
+    pub(crate) content: ContentRef,
 }
 
 impl MessageRecord {
@@ -233,6 +236,12 @@ mod tests {
                 RecipientRecord::new("b@other.example", 7),
             ],
             scheduled_ms: Some(5),
+            content: ContentRef {
+                segment: 1,
+                offset: 0,
+                len: 1234,
+                crc: 0,
+            },
         }
     }
 

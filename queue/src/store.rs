@@ -1,4 +1,5 @@
-//! The queue: a sled tree holding envelopes, contents and the schedule index.
+//! The queue: a sled tree holding envelopes and the schedule index, and the
+//! content segments beside it.
 //!
 //! Keys in the one tree (one tree, so a message's keys change in one atomic
 //! batch or transaction):
@@ -6,7 +7,6 @@
 //! | key                          | value                        |
 //! |------------------------------|------------------------------|
 //! | `m` id(8, BE)                | [`MessageRecord`], encoded   |
-//! | `b` id(8, BE)                | the message content          |
 //! | `s` due-ms(8, BE) id(8, BE)  | empty: the schedule index    |
 //!
 //! Invariant: a message that is neither held nor complete has exactly one
@@ -21,12 +21,12 @@ use std::sync::{Arc, Mutex, Weak};
 use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 
 use crate::commit::{CommitStats, GroupCommit};
+use crate::content::{ContentLog, ContentRef};
 use crate::error::QueueError;
 use crate::id::{IdGenerator, QueueId};
 use crate::record::{MessageRecord, MessageState, RecipientRecord, RecipientState, Submission};
 
 const MSG: u8 = b'm';
-const BODY: u8 = b'b';
 const SCHED: u8 = b's';
 
 fn key(prefix: u8, id: QueueId) -> [u8; 9] {
@@ -52,13 +52,16 @@ fn id_from_key(k: &[u8]) -> Option<QueueId> {
 /// How to open the store.
 #[derive(Debug, Clone)]
 pub struct QueueConfig {
-    /// Directory of the sled database; created if missing.
+    /// Directory of the store (`index/` for sled, `content/` for the
+    /// segments); created if missing.
     pub path: PathBuf,
     /// Bytes of sled's page cache. Bounds the store's share of memory.
     pub cache_capacity: u64,
     /// How long a write may wait for its fsync before the store is declared
     /// failed (a disk that stopped answering, or sled after ENOSPC).
     pub commit_timeout: std::time::Duration,
+    /// Size at which a content segment is closed and a new one started.
+    pub segment_bytes: u64,
 }
 
 impl QueueConfig {
@@ -67,6 +70,7 @@ impl QueueConfig {
             path: path.into(),
             cache_capacity: 64 * 1024 * 1024,
             commit_timeout: std::time::Duration::from_secs(30),
+            segment_bytes: 16 * 1024 * 1024,
         }
     }
 }
@@ -96,9 +100,10 @@ pub struct RecoveryReport {
     /// Messages put back in the schedule (including ones claimed when the
     /// previous process stopped).
     pub scheduled: usize,
-    /// Contents without an envelope, removed.
+    /// Content segments that no message pointed into, removed.
     pub orphans_removed: usize,
-    /// Records that could not be decoded; left in place and reported.
+    /// Records that could not be decoded or whose content is missing; left
+    /// in place, never scheduled, and reported.
     pub corrupt: Vec<QueueId>,
 }
 
@@ -207,6 +212,7 @@ pub const QSHAPE_BUCKETS: &[u64] = &[5, 10, 20, 40, 80, 160, 320, 640, 1280];
 struct Inner {
     db: sled::Db,
     tree: sled::Tree,
+    content: Arc<ContentLog>,
     commit: GroupCommit,
     ids: IdGenerator,
     claimed: Mutex<HashSet<QueueId>>,
@@ -224,15 +230,24 @@ impl std::fmt::Debug for Queue {
     }
 }
 
+fn index_path(path: &Path) -> PathBuf {
+    path.join("index")
+}
+
+fn content_path(path: &Path) -> PathBuf {
+    path.join("content")
+}
+
 fn open_db(config: &QueueConfig) -> Result<sled::Db, QueueError> {
-    std::fs::create_dir_all(&config.path).map_err(|e| {
+    let index = index_path(&config.path);
+    std::fs::create_dir_all(&index).map_err(|e| {
         QueueError::Store(sled::Error::Io(std::io::Error::new(
             e.kind(),
-            format!("creating {}: {e}", config.path.display()),
+            format!("creating {}: {e}", index.display()),
         )))
     })?;
     sled::Config::new()
-        .path(&config.path)
+        .path(&index)
         .cache_capacity(config.cache_capacity)
         .mode(sled::Mode::HighThroughput)
         // Our own group commit decides durability; this only bounds how
@@ -259,24 +274,29 @@ impl Queue {
     pub fn open(config: &QueueConfig) -> Result<(Queue, RecoveryReport), QueueError> {
         let db = open_db(config)?;
         let tree = db.open_tree("queue")?;
-        let report = recover(&tree)?;
+        let content = ContentLog::open(&content_path(&config.path), config.segment_bytes, true)?;
+        let report = recover(&tree, &content)?;
         db.flush()?;
-        Ok((Self::from_parts(db, tree, config.commit_timeout)?, report))
+        let queue = Self::from_parts(config, db, tree, content)?;
+        queue.sync()?;
+        Ok((queue, report))
     }
 
-    /// Opens the store for reading only (no recovery writes), for offline
-    /// inspection while no daemon runs.
+    /// Opens the store for reading only (no recovery writes, no new
+    /// segment), for offline inspection while no daemon runs.
     pub fn open_for_inspection(path: &Path) -> Result<Queue, QueueError> {
         let config = QueueConfig::new(path);
         let db = open_db(&config)?;
         let tree = db.open_tree("queue")?;
-        Self::from_parts(db, tree, config.commit_timeout)
+        let content = ContentLog::open(&content_path(path), config.segment_bytes, false)?;
+        Self::from_parts(&config, db, tree, content)
     }
 
     fn from_parts(
+        config: &QueueConfig,
         db: sled::Db,
         tree: sled::Tree,
-        commit_timeout: std::time::Duration,
+        content: ContentLog,
     ) -> Result<Queue, QueueError> {
         let last = tree
             .scan_prefix([MSG])
@@ -286,11 +306,33 @@ impl Queue {
             .and_then(|k| id_from_key(&k))
             .map(QueueId::as_u64)
             .unwrap_or(0);
+        let content = Arc::new(content);
+        // sled's flush stops at sync_file_range (no device cache flush, no
+        // metadata): fdatasync its file ourselves. fsync acts on the file,
+        // whichever descriptor asks.
+        let sled_file_path = index_path(&config.path).join("db");
+        let sled_file = std::fs::File::open(&sled_file_path).map_err(|e| {
+            QueueError::Store(sled::Error::Io(std::io::Error::new(
+                e.kind(),
+                format!("opening {}: {e}", sled_file_path.display()),
+            )))
+        })?;
+        let flush = {
+            let (db, content) = (db.clone(), content.clone());
+            move || -> Result<(), QueueError> {
+                content.sync()?;
+                db.flush()?;
+                sled_file
+                    .sync_data()
+                    .map_err(|e| QueueError::Store(sled::Error::Io(e)))
+            }
+        };
         Ok(Queue {
             inner: Arc::new(Inner {
-                commit: GroupCommit::start(db.clone(), commit_timeout),
+                commit: GroupCommit::start(flush, config.commit_timeout),
                 db,
                 tree,
+                content,
                 ids: IdGenerator::starting_after(last),
                 claimed: Mutex::new(HashSet::new()),
             }),
@@ -315,8 +357,10 @@ impl Queue {
             return Err(QueueError::Failed);
         }
         let id = msg.id;
-        let batch = self.enqueue_batch(msg);
+        let content = self.inner.content.append(id, &msg.content)?;
+        let batch = Self::enqueue_batch(msg, content);
         if let Err(e) = self.inner.tree.apply_batch(batch) {
+            self.inner.content.release(&content);
             let e = QueueError::Store(e);
             // sled keeps an I/O error (ENOSPC above all) as fatal to the
             // instance: nothing after it can be trusted to reach the disk.
@@ -332,7 +376,7 @@ impl Queue {
         Ok(())
     }
 
-    fn enqueue_batch(&self, msg: NewMessage) -> sled::Batch {
+    fn enqueue_batch(msg: NewMessage, content: ContentRef) -> sled::Batch {
         let due = msg.received_ms;
         let mut seen = HashSet::new();
         let recipients = msg
@@ -351,9 +395,9 @@ impl Queue {
             held: false,
             recipients,
             scheduled_ms: Some(due),
+            content,
         };
         let mut batch = sled::Batch::default();
-        batch.insert(&key(BODY, msg.id), msg.content);
         batch.insert(&key(MSG, msg.id), record.encode());
         batch.insert(&sched_key(due, msg.id), &[]);
         batch
@@ -367,14 +411,16 @@ impl Queue {
             return;
         };
         let mut batch = sled::Batch::default();
-        if let Ok(rec) = MessageRecord::decode(id, &bytes)
-            && let Some(s) = rec.scheduled_ms
-        {
+        let rec = MessageRecord::decode(id, &bytes).ok();
+        if let Some(s) = rec.as_ref().and_then(|r| r.scheduled_ms) {
             batch.remove(&sched_key(s, id));
         }
         batch.remove(&key(MSG, id));
-        batch.remove(&key(BODY, id));
-        let _ = self.inner.tree.apply_batch(batch);
+        if self.inner.tree.apply_batch(batch).is_ok()
+            && let Some(rec) = rec
+        {
+            self.inner.content.release(&rec.content);
+        }
     }
 
     /// Takes up to `limit` messages that are due at `now_ms` and not held.
@@ -419,13 +465,10 @@ impl Queue {
         Ok(claims)
     }
 
-    /// The stored content of a message.
+    /// The stored content of a message, checked against its CRC.
     pub fn content(&self, id: QueueId) -> Result<Vec<u8>, QueueError> {
-        self.inner
-            .tree
-            .get(key(BODY, id))?
-            .map(|v| v.to_vec())
-            .ok_or(QueueError::NotFound(id))
+        let rec = self.get(id)?;
+        self.inner.content.read(id, &rec.content)
     }
 
     /// Records the outcome of an attempt for some recipients of a claimed
@@ -474,8 +517,11 @@ impl Queue {
             }
         });
         claim.settle();
-        let after = result?;
+        let (after, released) = result?;
         self.inner.commit.durable().await?;
+        if let Some(c) = released {
+            self.inner.content.release(&c);
+        }
         Ok(after)
     }
 
@@ -513,11 +559,12 @@ impl Queue {
                 tx.remove(&sched_key(s, id))?;
             }
             tx.remove(&key(MSG, id))?;
-            tx.remove(&key(BODY, id))?;
             Ok(Some(rec))
         })?;
         let rec = removed.ok_or(QueueError::NotFound(id))?;
         self.inner.commit.durable().await?;
+        // Only once the removal is durable may the content go.
+        self.inner.content.release(&rec.content);
         Ok(rec)
     }
 
@@ -527,19 +574,23 @@ impl Queue {
         f: impl Fn(&mut MessageRecord),
     ) -> Result<MessageRecord, QueueError> {
         let mut out = None;
-        match self.update(id, false, |rec| {
+        let (after, released) = self.update(id, false, |rec| {
             f(rec);
             out = Some(rec.clone());
-        })? {
-            AfterOutcome::Gone => return Err(QueueError::NotFound(id)),
-            AfterOutcome::Complete | AfterOutcome::Pending { .. } => {}
+        })?;
+        if after == AfterOutcome::Gone {
+            return Err(QueueError::NotFound(id));
         }
         self.inner.commit.durable().await?;
+        if let Some(c) = released {
+            self.inner.content.release(&c);
+        }
         out.ok_or(QueueError::NotFound(id))
     }
 
     /// Read-modify-write of one record in a transaction, keeping the
-    /// schedule index in step and removing the message once complete.
+    /// schedule index in step and removing the message once complete (then
+    /// its content is returned, to be released once the removal is durable).
     /// `settling` is true when the caller is the claim's owner recording its
     /// outcome; anyone else leaves a claimed message's schedule key to the
     /// claim, which puts it back when it settles or is dropped.
@@ -548,7 +599,7 @@ impl Queue {
         id: QueueId,
         settling: bool,
         f: impl FnMut(&mut MessageRecord),
-    ) -> Result<AfterOutcome, QueueError> {
+    ) -> Result<(AfterOutcome, Option<ContentRef>), QueueError> {
         let f = std::cell::RefCell::new(f);
         let claimed = !settling
             && self
@@ -559,7 +610,7 @@ impl Queue {
                 .contains(&id);
         self.transact(|tx| {
             let Some(bytes) = tx.get(key(MSG, id))? else {
-                return Ok(AfterOutcome::Gone);
+                return Ok((AfterOutcome::Gone, None));
             };
             let mut rec =
                 MessageRecord::decode(id, &bytes).map_err(ConflictableTransactionError::Abort)?;
@@ -569,8 +620,7 @@ impl Queue {
             }
             if rec.is_complete() {
                 tx.remove(&key(MSG, id))?;
-                tx.remove(&key(BODY, id))?;
-                return Ok(AfterOutcome::Complete);
+                return Ok((AfterOutcome::Complete, Some(rec.content)));
             }
             let next = rec.next_due_ms();
             if !rec.held
@@ -583,7 +633,7 @@ impl Queue {
                 }
             }
             tx.insert(&key(MSG, id), rec.encode())?;
-            Ok(AfterOutcome::Pending { next_due_ms: next })
+            Ok((AfterOutcome::Pending { next_due_ms: next }, None))
         })
     }
 
@@ -702,7 +752,7 @@ impl Queue {
 
     /// Bytes the store occupies on disk.
     pub fn size_on_disk(&self) -> Result<u64, QueueError> {
-        Ok(self.inner.db.size_on_disk()?)
+        Ok(self.inner.db.size_on_disk()? + self.inner.content.size_on_disk())
     }
 
     /// Waits until everything written so far is durable (used at shutdown).
@@ -776,17 +826,15 @@ impl Drop for Claim {
     }
 }
 
-fn recover(tree: &sled::Tree) -> Result<RecoveryReport, QueueError> {
+fn recover(tree: &sled::Tree, content: &ContentLog) -> Result<RecoveryReport, QueueError> {
     let mut report = RecoveryReport::default();
     let mut batch = sled::Batch::default();
     for k in tree.scan_prefix([SCHED]).keys() {
         batch.remove(k?);
     }
-    let mut ids = HashSet::new();
     for entry in tree.scan_prefix([MSG]) {
         let (k, v) = entry?;
         let Some(id) = id_from_key(&k) else { continue };
-        ids.insert(id);
         let mut rec = match MessageRecord::decode(id, &v) {
             Ok(rec) => rec,
             Err(e) => {
@@ -795,6 +843,12 @@ fn recover(tree: &sled::Tree) -> Result<RecoveryReport, QueueError> {
                 continue;
             }
         };
+        if let Err(reason) = content.adopt(&rec.content) {
+            // Never delivered, never dropped silently: left for a postmaster.
+            tracing::error!(queue_id = %id, %reason, "queue record without its content left in place");
+            report.corrupt.push(id);
+            continue;
+        }
         report.messages += 1;
         report.pending_recipients += rec
             .recipients
@@ -811,15 +865,7 @@ fn recover(tree: &sled::Tree) -> Result<RecoveryReport, QueueError> {
             batch.insert(&k, rec.encode());
         }
     }
-    for k in tree.scan_prefix([BODY]).keys() {
-        let k = k?;
-        if let Some(id) = id_from_key(&k)
-            && !ids.contains(&id)
-        {
-            batch.remove(k);
-            report.orphans_removed += 1;
-        }
-    }
     tree.apply_batch(batch)?;
+    report.orphans_removed = content.remove_unreferenced();
     Ok(report)
 }

@@ -426,3 +426,109 @@ async fn a_second_opener_is_told_the_store_is_in_use() {
         "{err}"
     );
 }
+
+fn segment_files(dir: &tempfile::TempDir) -> Vec<std::path::PathBuf> {
+    let mut v: Vec<_> = std::fs::read_dir(dir.path().join("queue/content"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    v.sort();
+    v
+}
+
+#[tokio::test]
+async fn content_space_is_given_back_when_messages_complete() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = QueueConfig::new(dir.path().join("queue"));
+    config.segment_bytes = 4096;
+    let (q, _) = Queue::open(&config).unwrap();
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        let mut m = message(&q, T0 + i, "acme", &["a@d.example"]);
+        m.content = vec![b'x'; 1000];
+        ids.push(m.id);
+        q.enqueue(m).await.unwrap();
+    }
+    assert!(segment_files(&dir).len() >= 4, "20 KB in 4 KB segments");
+    for claim in q.claim_due(T0 + 100, 100).unwrap() {
+        q.record_outcomes(
+            claim,
+            vec![(
+                0,
+                Outcome::Delivered {
+                    reply: "250".into(),
+                },
+            )],
+        )
+        .await
+        .unwrap();
+    }
+    assert!(q.is_empty());
+    assert_eq!(
+        segment_files(&dir).len(),
+        1,
+        "only the current segment is left"
+    );
+}
+
+#[tokio::test]
+async fn a_record_whose_content_is_gone_is_reported_and_never_scheduled() {
+    let dir = tempfile::tempdir().unwrap();
+    let (kept, lost) = {
+        let q = open(&dir);
+        let a = message(&q, T0, "acme", &["a@d.example"]);
+        let kept = a.id;
+        q.enqueue(a).await.unwrap();
+        drop(q);
+        // A second run writes into a new segment, which then disappears.
+        let q = open(&dir);
+        let b = message(&q, T0 + 1, "acme", &["b@d.example"]);
+        let lost = b.id;
+        q.enqueue(b).await.unwrap();
+        (kept, lost)
+    };
+    let newest = segment_files(&dir).pop().unwrap();
+    std::fs::remove_file(newest).unwrap();
+    let (q, report) = Queue::open(&QueueConfig::new(dir.path().join("queue"))).unwrap();
+    assert_eq!(report.corrupt, vec![lost]);
+    assert_eq!(report.messages, 1);
+    let due: Vec<_> = q
+        .claim_due(T0 + 10, 10)
+        .unwrap()
+        .iter()
+        .map(|c| c.record.id)
+        .collect();
+    assert_eq!(due, vec![kept], "the damaged message must not be delivered");
+    assert!(q.get(lost).is_ok(), "and must not be dropped silently");
+}
+
+#[tokio::test]
+async fn tampered_content_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = open(&dir);
+    let m = message(&q, T0, "acme", &["a@d.example"]);
+    let id = m.id;
+    q.enqueue(m).await.unwrap();
+    let seg = segment_files(&dir).pop().unwrap();
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let at = bytes.len() - 5;
+    bytes[at] ^= 0x01;
+    std::fs::write(&seg, bytes).unwrap();
+    assert!(matches!(q.content(id), Err(QueueError::Corrupt { .. })));
+}
+
+#[tokio::test]
+async fn inspection_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = {
+        let q = open(&dir);
+        let m = message(&q, T0, "acme", &["a@d.example"]);
+        let id = m.id;
+        q.enqueue(m).await.unwrap();
+        id
+    };
+    let before = segment_files(&dir);
+    let q = Queue::open_for_inspection(&dir.path().join("queue")).unwrap();
+    assert!(q.content(id).unwrap().starts_with(b"Subject: hi"));
+    assert_eq!(segment_files(&dir), before);
+}

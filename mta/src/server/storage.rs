@@ -46,8 +46,12 @@ impl StorageGuard {
     }
 
     /// Is there room for `incoming` more bytes above the reserve? Updates
-    /// the flag. A filesystem that cannot be asked is assumed to have room.
+    /// the flag. A filesystem that cannot be asked is assumed to have room;
+    /// a reserve of 0 turns the check off.
     pub fn check(&self, incoming: u64) -> bool {
+        if self.reserve == 0 {
+            return true;
+        }
         let ok = match available_bytes(&self.path) {
             Ok(free) => free >= self.reserve.saturating_add(incoming),
             Err(e) => {
@@ -73,11 +77,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn reserve_beyond_the_disk_is_low_and_zero_is_fine() {
+    fn reserve_beyond_the_disk_is_low_and_zero_turns_the_check_off() {
         let dir = tempfile::tempdir().unwrap();
         assert!(available_bytes(dir.path()).unwrap() > 0);
         let g = StorageGuard::new(dir.path(), 0);
-        assert!(g.check(0));
+        assert!(g.check(u64::MAX), "0 turns the check off");
         assert!(!g.flag().load(Ordering::Relaxed));
         let g = StorageGuard::new(dir.path(), u64::MAX / 2);
         assert!(!g.check(0));
