@@ -101,47 +101,53 @@ fn kill_9_during_a_load_keeps_every_message_that_got_250() {
     let workers: Vec<_> = (0..4)
         .map(|w| {
             let (accepted, stop, addr) = (accepted.clone(), stop.clone(), d.addr);
-            std::thread::spawn(move || {
-                let Ok(mut c) = Client::try_connect(addr) else {
-                    return;
+            std::thread::spawn(move || -> String {
+                let mut c = match Client::try_connect(addr) {
+                    Ok(c) => c,
+                    Err(e) => return format!("worker {w}: connect: {e}"),
                 };
                 c.set_read_timeout(Duration::from_secs(5));
-                if c.cmd("EHLO load.test").code != 250 {
-                    return;
+                let r = c.cmd("EHLO load.test");
+                if r.code != 250 {
+                    return format!("worker {w}: EHLO: {r}");
                 }
                 let mut i = 0;
                 while !stop.load(Ordering::Relaxed) {
                     let body = message("news@x.example", "a@dest.example", &format!("w{w} m{i}"));
-                    c.send(
-                        "MAIL FROM:<news@x.example>
-RCPT TO:<a@dest.example>
-DATA
-",
-                    );
-                    let ok = (0..3).all(|_| c.try_reply().is_ok_and(|r| r.code < 400));
-                    if !ok {
-                        return;
+                    c.send("MAIL FROM:<news@x.example>\r\nRCPT TO:<a@dest.example>\r\nDATA\r\n");
+                    for _ in 0..3 {
+                        match c.try_reply() {
+                            Ok(r) if r.code < 400 => {}
+                            // Killed mid-transaction: nothing was accepted.
+                            other => return format!("worker {w}: envelope: {other:?}"),
+                        }
                     }
                     c.send(format!("{body}.\r\n"));
                     match c.try_reply() {
                         Ok(r) if r.code == 250 => {
                             accepted.lock().unwrap().insert(queued_id(&r));
                         }
-                        _ => return, // killed mid-transaction: not accepted
+                        other => return format!("worker {w}: data: {other:?}"),
                     }
                     i += 1;
                 }
+                format!("worker {w}: stopped after {i}")
             })
         })
         .collect();
     // Let the load run, then kill without warning.
-    spec_tests::server::eventually("some messages accepted", || {
-        (accepted.lock().unwrap().len() >= 200).then_some(())
-    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while accepted.lock().unwrap().len() < 200 {
+        if workers.iter().all(|w| w.is_finished()) || std::time::Instant::now() > deadline {
+            let why: Vec<String> = workers.into_iter().map(|w| w.join().unwrap()).collect();
+            panic!("the load stopped before 200 messages were accepted: {why:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
     d.kill9();
     stop.store(true, Ordering::Relaxed);
     for w in workers {
-        w.join().unwrap();
+        let _ = w.join().unwrap();
     }
     let accepted = accepted.lock().unwrap().clone();
     let stored = offline_ids(&data_dir);

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Runs every test of the workspace: formatting, lints, unit, conformance and
+# end-to-end tests. Installs what the tests need first (idempotently), so it
+# works on a fresh Debian machine with the Rust toolchain. CI runs exactly
+# this (.ci/run).
+#
+# Some tests mount a small tmpfs (disk-full) and so need root, as CI has.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+sudo_if_needed() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+# Independent peers the tests talk to: swaks (with TLS), Python's smtplib.
+missing=()
+command -v swaks >/dev/null 2>&1 || missing+=(swaks)
+perl -MNet::SSLeay -e 1 >/dev/null 2>&1 || missing+=(libnet-ssleay-perl)
+command -v python3 >/dev/null 2>&1 || missing+=(python3)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing test dependencies: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  sudo_if_needed apt-get install -y -q --no-install-recommends "${missing[@]}" \
+    || { sudo_if_needed apt-get update -q && sudo_if_needed apt-get install -y -q --no-install-recommends "${missing[@]}"; }
+fi
+
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --locked --no-fail-fast
+else
+  cargo test --workspace --locked --no-fail-fast
+fi
