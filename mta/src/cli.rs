@@ -209,14 +209,21 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Waits for SIGTERM or Ctrl-C. SIGHUP, the usual "reload", must not kill
+/// the daemon (its default action); until reloading is built it says so.
 async fn wait_for_signal() -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => r.context("waiting for Ctrl-C")?,
-        _ = term.recv() => {}
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    loop {
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => return r.context("waiting for Ctrl-C"),
+            _ = term.recv() => return Ok(()),
+            _ = hup.recv() => tracing::warn!(
+                "SIGHUP received: reloading the configuration is not supported yet; restart mta to apply changes"
+            ),
+        }
     }
-    Ok(())
 }
 
 fn config_check(file: &Path) -> anyhow::Result<ExitCode> {

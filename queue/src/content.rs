@@ -218,8 +218,8 @@ impl ContentLog {
     pub(crate) fn sync(&self) -> Result<(), QueueError> {
         let dirty: Vec<u32> = self.dirty.lock().expect("dirty lock").drain().collect();
         for seg in dirty {
-            let file = self.files.lock().expect("files lock").get(&seg).cloned();
-            if let Some(f) = file {
+            // A segment deleted since its write has nothing left to sync.
+            if let Ok(f) = self.file(seg) {
                 f.sync_data()
                     .map_err(|e| io(&segment_path(&self.dir, seg), "syncing", e))?;
             }
@@ -227,16 +227,19 @@ impl ContentLog {
         Ok(())
     }
 
+    fn file(&self, segment: u32) -> Result<Arc<File>, String> {
+        self.files
+            .lock()
+            .expect("files lock")
+            .get(&segment)
+            .cloned()
+            .ok_or_else(|| format!("content segment {segment:08x} is missing"))
+    }
+
     /// Reads an entry back, checking its header and CRC.
     pub(crate) fn read(&self, id: QueueId, r: &ContentRef) -> Result<Vec<u8>, QueueError> {
         let corrupt = |reason: String| QueueError::Corrupt { id, reason };
-        let file = self
-            .files
-            .lock()
-            .expect("files lock")
-            .get(&r.segment)
-            .cloned()
-            .ok_or_else(|| corrupt(format!("content segment {:08x} is missing", r.segment)))?;
+        let file = self.file(r.segment).map_err(corrupt)?;
         let mut buf = vec![0u8; r.span() as usize];
         file.read_exact_at(&mut buf, r.offset).map_err(|e| {
             corrupt(format!(
@@ -306,13 +309,7 @@ impl ContentLog {
     /// At recovery: registers the content a live record points to, or says
     /// why it cannot be there.
     pub(crate) fn adopt(&self, r: &ContentRef) -> Result<(), String> {
-        let file = self
-            .files
-            .lock()
-            .expect("files lock")
-            .get(&r.segment)
-            .cloned()
-            .ok_or_else(|| format!("content segment {:08x} is missing", r.segment))?;
+        let file = self.file(r.segment)?;
         let size = file.metadata().map(|m| m.len()).unwrap_or(0);
         if r.offset + r.span() > size {
             return Err(format!(

@@ -298,6 +298,14 @@ impl Client {
         self.cmd(&format!("AUTH PLAIN {token}"))
     }
 
+    /// MAIL, RCPT and DATA for one recipient, pipelined; asserts the
+    /// server is then waiting for the content (354).
+    pub fn begin_data(&mut self, from: &str, to: &str) {
+        self.send(format!("MAIL FROM:<{from}>\r\nRCPT TO:<{to}>\r\nDATA\r\n"));
+        let codes: Vec<u16> = (0..3).map(|_| self.reply().code).collect();
+        assert_eq!(codes, [250, 250, 354], "starting a transaction");
+    }
+
     /// MAIL, RCPTs and DATA pipelined in one write, then the content; returns
     /// the replies in order, the last one for the content.
     pub fn send_message(&mut self, from: &str, rcpts: &[&str], content: &str) -> Vec<Reply> {

@@ -337,3 +337,19 @@ password_hash = "{bank}"
 "#
     )
 }
+
+/// Queue IDs listed by `mta queue list --offline --json`, oldest first.
+pub fn offline_queue_ids(data_dir: &Path) -> Vec<String> {
+    let dir = data_dir.to_str().expect("UTF-8 path");
+    let (code, out, err) = run_cli(
+        &["queue", "list", "--offline", "--json", "--data-dir", dir],
+        None,
+    );
+    assert_eq!(code, 0, "queue list failed: {err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("JSON from queue list");
+    v.as_array()
+        .expect("a JSON array")
+        .iter()
+        .map(|m| m["id"].as_str().expect("an id").to_string())
+        .collect()
+}

@@ -9,7 +9,9 @@ use std::path::Path;
 use std::process::Command;
 
 use spec_tests::client::{Client, Reply};
-use spec_tests::server::{DaemonProcess, TestServer, eventually, queued_id, run_cli};
+use spec_tests::server::{
+    DaemonProcess, TestServer, eventually, offline_queue_ids, queued_id, run_cli,
+};
 
 struct Tmpfs<'a>(&'a Path);
 
@@ -167,25 +169,7 @@ fn a_write_that_hits_a_full_disk_is_answered_451_and_a_restart_keeps_everything_
     let after = queued_id(replies.last().unwrap());
     assert!(d.terminate().success());
 
-    let (code, out, err) = run_cli(
-        &[
-            "queue",
-            "list",
-            "--offline",
-            "--json",
-            "--data-dir",
-            data.to_str().unwrap(),
-        ],
-        None,
-    );
-    assert_eq!(code, 0, "{err}");
-    let stored: Vec<String> = serde_json::from_str::<serde_json::Value>(&out)
-        .unwrap()
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["id"].as_str().unwrap().to_string())
-        .collect();
+    let stored = offline_queue_ids(&data);
     for id in accepted.iter().chain([&after]) {
         assert!(
             stored.contains(id),

@@ -221,10 +221,7 @@ fn a_stalled_message_is_dropped_after_the_data_timeout_and_nothing_is_queued() {
     let server = TestServer::start("[smtp]\ndata_timeout = \"1s\"\ncommand_timeout = \"30s\"\n");
     let mut c = Client::connect(server.addr);
     c.ehlo();
-    c.send("MAIL FROM:<a@x.example>\r\nRCPT TO:<b@y.example>\r\nDATA\r\n");
-    for _ in 0..3 {
-        c.reply();
-    }
+    c.begin_data("a@x.example", "b@y.example");
     c.send("From: <a@x.example>\r\n\r\nhalf a mess");
     let r = c.reply();
     assert_eq!((r.code, r.enhanced()), (421, Some("4.4.2")), "{r}");
@@ -238,10 +235,7 @@ fn a_client_that_disconnects_mid_message_leaves_nothing_behind() {
     let server = TestServer::start("");
     let mut c = Client::connect(server.addr);
     c.ehlo();
-    c.send("MAIL FROM:<a@x.example>\r\nRCPT TO:<b@y.example>\r\nDATA\r\n");
-    for _ in 0..3 {
-        c.reply();
-    }
+    c.begin_data("a@x.example", "b@y.example");
     c.send("From: <a@x.example>\r\n\r\nhalf a mess");
     drop(c);
     eventually("the session to end", || {
@@ -307,10 +301,7 @@ fn smuggling_is_refused_logged_and_queues_nothing() {
     let server = TestServer::start("");
     let mut c = Client::connect(server.addr);
     c.ehlo();
-    c.send("MAIL FROM:<a@x.example>\r\nRCPT TO:<b@y.example>\r\nDATA\r\n");
-    for _ in 0..3 {
-        c.reply();
-    }
+    c.begin_data("a@x.example", "b@y.example");
     c.send("From: <a@x.example>\r\n\r\nhi\n.\nMAIL FROM:<admin@x.example>\r\nRCPT TO:<victim@y.example>\r\nDATA\r\nFrom: <admin@x.example>\r\n\r\nsmuggled\r\n.\r\n");
     let r = c.reply();
     assert_eq!((r.code, r.enhanced()), (554, Some("5.5.2")), "{r}");

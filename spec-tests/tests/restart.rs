@@ -7,28 +7,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use spec_tests::client::{Client, message};
-use spec_tests::server::{DaemonProcess, queued_id, run_cli};
+use spec_tests::server::{DaemonProcess, offline_queue_ids, queued_id};
 
-/// Queue IDs listed by `mta queue list --offline --json`.
 fn offline_ids(data_dir: &std::path::Path) -> BTreeSet<String> {
-    let (code, out, err) = run_cli(
-        &[
-            "queue",
-            "list",
-            "--offline",
-            "--json",
-            "--data-dir",
-            data_dir.to_str().unwrap(),
-        ],
-        None,
-    );
-    assert_eq!(code, 0, "queue list failed: {err}");
-    let v: serde_json::Value = serde_json::from_str(&out).expect("JSON from queue list");
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["id"].as_str().unwrap().to_string())
-        .collect()
+    offline_queue_ids(data_dir).into_iter().collect()
 }
 
 fn submit(addr: std::net::SocketAddr, n: usize) -> Vec<String> {
@@ -58,6 +40,15 @@ fn kill_9_after_250_loses_nothing_and_a_restart_recovers_it() {
     assert_eq!(offline_ids(&data_dir), first);
 
     let d = DaemonProcess::start(dir.path(), "");
+    // SIGHUP does not stop it (the default action of the signal would).
+    // SAFETY: signalling our own child.
+    assert_eq!(
+        unsafe { libc::kill(d.child.id() as libc::pid_t, libc::SIGHUP) },
+        0
+    );
+    spec_tests::server::eventually("the SIGHUP warning", || {
+        d.stderr().contains("SIGHUP received").then_some(())
+    });
     let second = submit(d.addr, 1);
     let status = d.terminate();
     assert!(
