@@ -12,16 +12,24 @@ sudo_if_needed() {
   if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
 }
 
-# Independent peers the tests talk to: swaks (with TLS), Python's smtplib.
+# Independent peers the tests talk to: swaks (with TLS), Python's smtplib,
+# dkimpy (with PyNaCl for Ed25519) as a DKIM verifier, openssl for keys made
+# the way other tools make them.
 missing=()
 command -v swaks >/dev/null 2>&1 || missing+=(swaks)
 perl -MNet::SSLeay -e 1 >/dev/null 2>&1 || missing+=(libnet-ssleay-perl)
-command -v python3 >/dev/null 2>&1 || missing+=(python3)
+command -v python3 >/dev/null 2>&1 || missing+=(python3 python3-pip)
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing test dependencies: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
   sudo_if_needed apt-get install -y -q --no-install-recommends "${missing[@]}" \
     || { sudo_if_needed apt-get update -q && sudo_if_needed apt-get install -y -q --no-install-recommends "${missing[@]}"; }
+fi
+
+if ! python3 -c 'import dkim, nacl' >/dev/null 2>&1; then
+  echo "installing test dependencies: dkimpy pynacl (PyPI)"
+  python3 -m pip install --quiet --disable-pip-version-check dkimpy pynacl
 fi
 
 cargo fmt --all -- --check

@@ -210,6 +210,7 @@ mod tests {
                 name: toml::Spanned::new(0..0, "acme-app".into()),
                 password_hash: PasswordHashString(hash_password("s3cret").unwrap()),
             }],
+            signing_domain: None,
         }];
         let users = Users::from_config(&tenants);
         assert_eq!(

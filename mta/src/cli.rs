@@ -42,6 +42,75 @@ pub enum Command {
     /// Inspect the queue.
     #[command(subcommand)]
     Queue(QueueCommand),
+    /// Manage DKIM keys: generate, show the DNS record, check DNS, list.
+    #[command(subcommand)]
+    Dkim(DkimCommand),
+}
+
+/// Where the configuration and the keys directory are.
+#[derive(Debug, Args)]
+pub struct DkimConfigArgs {
+    /// The config file whose [dkim] keys and keys_dir to use; default: the
+    /// embedded default (keys in ./mta-data/dkim).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DkimCommand {
+    /// Generate a key, write it (mode 0600) into the keys directory, and
+    /// print the DNS TXT record to publish and the config to add.
+    Generate {
+        #[arg(long)]
+        domain: String,
+        #[arg(long)]
+        selector: String,
+        /// rsa-sha256 or ed25519-sha256.
+        #[arg(long, default_value = "rsa-sha256", value_parser = parse_algorithm)]
+        algorithm: dkim_keys::Algorithm,
+        /// RSA key size: 2048, 3072 or 4096.
+        #[arg(long, default_value_t = 2048)]
+        bits: usize,
+        /// Write into this directory instead of [dkim] keys_dir.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+        #[command(flatten)]
+        config: DkimConfigArgs,
+    },
+    /// Print the DNS TXT record of a key again, from its key file.
+    Dns {
+        #[arg(long)]
+        domain: String,
+        #[arg(long)]
+        selector: Option<String>,
+        /// Look for key files in this directory instead of [dkim] keys_dir.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+        #[command(flatten)]
+        config: DkimConfigArgs,
+    },
+    /// Look up every configured selector in DNS and compare it with its key.
+    /// Exit 1 if any key is not publishable as it is.
+    Check {
+        #[arg(long)]
+        domain: Option<String>,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        config: DkimConfigArgs,
+    },
+    /// List the configured keys: domain, selector, algorithm, size, file,
+    /// active. Exit 1 if a key file does not load.
+    List {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        config: DkimConfigArgs,
+    },
+}
+
+fn parse_algorithm(s: &str) -> Result<dkim_keys::Algorithm, String> {
+    s.parse()
 }
 
 #[derive(Debug, Args)]
@@ -171,10 +240,11 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Config(ConfigCommand::Check { file }) => config_check(&file),
         Command::User(UserCommand::Hash) => user_hash(),
         Command::Queue(cmd) => queue_command(cmd),
+        Command::Dkim(cmd) => crate::dkim_cli::run(cmd),
     }
 }
 
-fn load_config(path: Option<&Path>) -> anyhow::Result<Config> {
+pub(crate) fn load_config(path: Option<&Path>) -> anyhow::Result<Config> {
     match path {
         Some(p) => Ok(Config::load(p)?),
         None => Ok(Config::default()),
@@ -201,7 +271,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             tracing::info!("SMTP over implicit TLS on {a}");
         }
         tracing::info!(data_dir = %config.data_dir.display(), "mta is running; stop it with Ctrl-C or SIGTERM");
-        wait_for_signal().await?;
+        let config_path = args.config.clone();
+        wait_for_signal(|| reload(&daemon, config_path.as_deref())).await?;
         tracing::info!("shutting down");
         daemon.shutdown(Duration::from_secs(30)).await;
         anyhow::Ok(())
@@ -209,9 +280,34 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Waits for SIGTERM or Ctrl-C. SIGHUP, the usual "reload", must not kill
-/// the daemon (its default action); until reloading is built it says so.
-async fn wait_for_signal() -> anyhow::Result<()> {
+/// SIGHUP: reads the config file again and reloads the DKIM keys it names.
+/// If the file or any key fails, the keys in use stay, and the log says why.
+async fn reload(daemon: &Daemon, config_path: Option<&Path>) {
+    let Some(path) = config_path else {
+        tracing::warn!("SIGHUP received: running on the embedded default, nothing to reload");
+        return;
+    };
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("SIGHUP: the configuration has an error, nothing reloaded: {e}");
+            return;
+        }
+    };
+    match daemon.reload_dkim(&config).await {
+        Ok(n) => tracing::info!(
+            keys = n,
+            "SIGHUP: DKIM keys reloaded (other configuration changes need a restart)"
+        ),
+        Err(e) => tracing::error!("SIGHUP: DKIM keys not reloaded, the old keys stay in use: {e}"),
+    }
+}
+
+/// Waits for SIGTERM or Ctrl-C, calling `on_hup` for each SIGHUP (whose
+/// default action would otherwise stop the daemon).
+async fn wait_for_signal<F: std::future::Future<Output = ()>>(
+    mut on_hup: impl FnMut() -> F,
+) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
@@ -219,9 +315,10 @@ async fn wait_for_signal() -> anyhow::Result<()> {
         tokio::select! {
             r = tokio::signal::ctrl_c() => return r.context("waiting for Ctrl-C"),
             _ = term.recv() => return Ok(()),
-            _ = hup.recv() => tracing::warn!(
-                "SIGHUP received: reloading the configuration is not supported yet; restart mta to apply changes"
-            ),
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP received");
+                on_hup().await;
+            }
         }
     }
 }
@@ -311,7 +408,7 @@ fn record_json(rec: &MessageRecord) -> serde_json::Value {
 }
 
 /// Prints rows as a table with aligned columns.
-fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+pub(crate) fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for r in rows {
         for (i, c) in r.iter().enumerate() {

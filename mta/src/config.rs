@@ -156,6 +156,11 @@ pub struct TenantConfig {
     pub sender_domains: Vec<DomainPattern>,
     #[serde(default)]
     pub users: Vec<UserConfig>,
+    /// DKIM signing domain for messages whose From: domain has no key of
+    /// its own (signatures then do not align with From: for DMARC).
+    /// Default: none.
+    #[serde(default)]
+    pub signing_domain: Option<Spanned<DomainName>>,
 }
 
 /// `[[tenants.users]]`: an SMTP AUTH account of a tenant.
@@ -192,6 +197,23 @@ impl<'de> Deserialize<'de> for DomainPattern {
     }
 }
 
+/// A domain name (lower case, no trailing dot, no wildcard).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct DomainName(pub String);
+
+impl<'de> Deserialize<'de> for DomainName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        match DomainPattern::parse(&s) {
+            Ok(DomainPattern::Exact(d)) => Ok(DomainName(d)),
+            Ok(DomainPattern::Subdomains(_)) => Err(serde::de::Error::custom(format!(
+                "'{s}': a signing domain is one domain, not a wildcard"
+            ))),
+            Err(e) => Err(serde::de::Error::custom(e)),
+        }
+    }
+}
+
 /// What to do with a message that no key can sign.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -201,12 +223,18 @@ pub enum UnsignedPolicy {
     Reject,
 }
 
-/// `[dkim]`: signing keys (used from the DKIM issue on).
+/// `[dkim]`: signing keys.
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct DkimConfig {
-    /// `"accept"` (default) or `"reject"`.
+    /// A message no key can sign: `"accept"` (sent unsigned; logged and
+    /// counted; the default) or `"reject"` (`550 5.7.1` at the end of DATA).
     pub unsigned: UnsignedPolicy,
+    /// Where `mta dkim generate` writes keys. Default `<data_dir>/dkim`.
+    pub keys_dir: Option<PathBuf>,
+    /// Signature lifetime: adds `x=` (RFC 6376 §3.5). Default: none.
+    #[serde(deserialize_with = "optional_duration")]
+    pub expiration: Option<Duration>,
     pub keys: Vec<DkimKeyConfig>,
 }
 
@@ -222,10 +250,13 @@ pub enum DkimAlgorithm {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DkimKeyConfig {
-    pub domain: DomainPattern,
-    pub selector: String,
+    /// The signing domain (`d=`).
+    pub domain: DomainName,
+    /// The selector (`s=`): the record is at `<selector>._domainkey.<domain>`.
+    pub selector: Spanned<String>,
     /// `"rsa-sha256"` or `"ed25519-sha256"`.
     pub algorithm: DkimAlgorithm,
+    /// PEM private key (PKCS#8, or PKCS#1 for RSA), mode 0600 or 0640.
     pub private_key: PathBuf,
     /// Published but not used for new mail (key rotation). Default true.
     #[serde(default = "yes")]
@@ -400,6 +431,10 @@ impl Default for QueueConfig {
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {}
 
+fn optional_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    duration(d).map(Some)
+}
+
 /// Parses durations like "30s", "5m", "4h", "5d" (humantime syntax).
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
@@ -531,6 +566,35 @@ impl Config {
                 }
             }
         }
+        let keyed: HashSet<&str> = self.dkim.keys.iter().map(|k| k.domain.0.as_str()).collect();
+        for t in &self.tenants {
+            let Some(sd) = &t.signing_domain else {
+                continue;
+            };
+            let d = sd.get_ref().0.as_str();
+            if !keyed.contains(d) {
+                return Err((
+                    Some(sd.span()),
+                    format!(
+                        "tenant '{}' signs with {d}, but [[dkim.keys]] has no key for {d}",
+                        t.name.get_ref()
+                    ),
+                ));
+            }
+            if let Some(owner) = self.tenants.iter().find(|o| {
+                o.name.get_ref() != t.name.get_ref()
+                    && o.sender_domains.iter().any(|p| p.matches(d))
+            }) {
+                return Err((
+                    Some(sd.span()),
+                    format!(
+                        "tenant '{}' cannot sign with {d}: it is a sender domain of tenant '{}'",
+                        t.name.get_ref(),
+                        owner.name.get_ref()
+                    ),
+                ));
+            }
+        }
         if !self.delivery.relay_host.is_empty()
             && self
                 .delivery
@@ -547,6 +611,32 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// Where `mta dkim generate` puts keys.
+    pub fn dkim_keys_dir(&self) -> PathBuf {
+        self.dkim
+            .keys_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("dkim"))
+    }
+
+    /// The key specifications for the key ring.
+    pub fn dkim_key_specs(&self) -> Vec<dkim_keys::KeySpec> {
+        self.dkim
+            .keys
+            .iter()
+            .map(|k| dkim_keys::KeySpec {
+                domain: k.domain.0.clone(),
+                selector: k.selector.get_ref().clone(),
+                algorithm: match k.algorithm {
+                    DkimAlgorithm::RsaSha256 => dkim_keys::Algorithm::RsaSha256,
+                    DkimAlgorithm::Ed25519Sha256 => dkim_keys::Algorithm::Ed25519Sha256,
+                },
+                path: k.private_key.clone(),
+                active: k.active,
+            })
+            .collect()
     }
 
     /// The name we give ourselves.
@@ -590,6 +680,7 @@ mod tests {
         assert_eq!(c.tenants[0].users[0].name.get_ref(), "acme-app");
         assert_eq!(c.dkim.unsigned, UnsignedPolicy::Reject);
         assert_eq!(c.dkim.keys[0].algorithm, DkimAlgorithm::RsaSha256);
+        assert_eq!(c.dkim_key_specs()[0].selector, "s2026a");
         assert_eq!(c.spf.policy, SpfPolicy::Enforce);
         assert_eq!(c.egress[0].address, Some("203.0.113.10".parse().unwrap()));
         assert_eq!(c.delivery.max_lifetime, Duration::from_secs(5 * 86400));
@@ -637,6 +728,34 @@ mod tests {
         assert_eq!(e.at.map(|a| a.0), Some(4), "{e}");
         let e = parse("[smtp]\nlisten = []\n").unwrap_err();
         assert!(e.message.contains("no listener"), "{e}");
+    }
+
+    #[test]
+    fn signing_domains_are_checked() {
+        let keys = "[[dkim.keys]]\ndomain = \"esp.example\"\nselector = \"s1\"\nalgorithm = \"ed25519-sha256\"\nprivate_key = \"/k.pem\"\n";
+        let ok = format!("[[tenants]]\nname = \"a\"\nsigning_domain = \"esp.example\"\n{keys}");
+        assert_eq!(
+            parse(&ok).unwrap().tenants[0]
+                .signing_domain
+                .as_ref()
+                .unwrap()
+                .get_ref()
+                .0,
+            "esp.example"
+        );
+        let e =
+            parse("[[tenants]]\nname = \"a\"\nsigning_domain = \"nokey.example\"\n").unwrap_err();
+        assert_eq!(e.at.map(|a| a.0), Some(3), "{e}");
+        assert!(e.message.contains("no key for nokey.example"), "{e}");
+        let theirs = format!(
+            "[[tenants]]\nname = \"a\"\nsigning_domain = \"esp.example\"\n[[tenants]]\nname = \"b\"\nsender_domains = [\"esp.example\"]\n{keys}"
+        );
+        assert!(parse(&theirs).unwrap_err().message.contains("tenant 'b'"));
+        let e = parse("[[dkim.keys]]\ndomain = \"*.esp.example\"\nselector = \"s\"\nalgorithm = \"rsa-sha256\"\nprivate_key = \"/k\"\n").unwrap_err();
+        assert!(e.message.contains("wildcard"), "{e}");
+        let c = parse("[dkim]\nexpiration = \"7d\"\n").unwrap();
+        assert_eq!(c.dkim.expiration, Some(Duration::from_secs(7 * 86400)));
+        assert_eq!(c.dkim_keys_dir(), PathBuf::from("mta-data/dkim"));
     }
 
     #[test]

@@ -14,12 +14,16 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
+use dkim_keys::KeyRing;
+
 use crate::auth::{AuthThrottle, Users};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::log::{LogError, LogWriterGuard, TransactionLog};
+use crate::metrics::Metrics;
 use crate::policy::{Policy, Tenant};
 use crate::server::{ConnectionLimits, Receiver, StorageGuard, Timeouts, accept_loop};
+use crate::sign::{Signer, SigningPolicy};
 use crate::smtp::SessionConfig;
 use crate::tls::{self, CertSource, TlsError};
 
@@ -36,6 +40,8 @@ pub enum StartError {
     Log(#[from] LogError),
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error(transparent)]
+    Dkim(#[from] dkim_keys::KeyError),
     #[error("cannot listen on {addr}: {source}{hint}")]
     Bind {
         addr: SocketAddr,
@@ -59,6 +65,8 @@ pub struct Daemon {
     pub smtp_addrs: Vec<SocketAddr>,
     /// Bound implicit-TLS listeners.
     pub smtps_addrs: Vec<SocketAddr>,
+    /// The bound metrics listener.
+    pub metrics_addr: SocketAddr,
     pub recovery: RecoveryReport,
     pub certificate: Option<CertSource>,
     shutdown: watch::Sender<bool>,
@@ -76,19 +84,43 @@ impl std::fmt::Debug for Daemon {
     }
 }
 
-async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr).await.map_err(|source| {
-        let hint = match source.kind() {
-            std::io::ErrorKind::AddrInUse => {
+fn bind_error(addr: SocketAddr, source: std::io::Error, fix: &'static str) -> StartError {
+    let hint = match source.kind() {
+        std::io::ErrorKind::AddrInUse => {
+            if fix.contains("metrics") {
+                ": another program listens there (is mta already running?); change [metrics] listen"
+            } else {
                 ": another program listens there (is mta already running?); change [smtp] listen"
             }
-            std::io::ErrorKind::PermissionDenied => {
-                ": ports below 1024 need CAP_NET_BIND_SERVICE (see systemd/mta.service)"
-            }
-            _ => "",
-        };
-        StartError::Bind { addr, source, hint }
-    })
+        }
+        std::io::ErrorKind::PermissionDenied => {
+            ": ports below 1024 need CAP_NET_BIND_SERVICE (see systemd/mta.service)"
+        }
+        _ => "",
+    };
+    StartError::Bind { addr, source, hint }
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| bind_error(addr, source, "; change [smtp] listen"))
+}
+
+fn signing_policy(config: &Config) -> SigningPolicy {
+    SigningPolicy {
+        unsigned: config.dkim.unsigned,
+        expiration: config.dkim.expiration,
+        tenant_domains: config
+            .tenants
+            .iter()
+            .filter_map(|t| {
+                t.signing_domain
+                    .as_ref()
+                    .map(|d| (t.name.get_ref().clone(), d.get_ref().0.clone()))
+            })
+            .collect(),
+    }
 }
 
 fn policy(config: &Config) -> Policy {
@@ -141,6 +173,16 @@ impl Daemon {
         };
         let acceptor = TlsAcceptor::from(tls::server_config(&certificate)?);
 
+        let ring = tokio::task::spawn_blocking({
+            let specs = config.dkim_key_specs();
+            move || KeyRing::load(&specs)
+        })
+        .await
+        .expect("key loading does not panic")?;
+        tracing::info!(keys = ring.keys().len(), "DKIM keys loaded");
+        let metrics = Metrics::new();
+        let signer = Signer::new(ring, signing_policy(config), metrics.clone());
+
         let policy = Arc::new(policy(config));
         let users = Arc::new(Users::from_config(&config.tenants));
         let s = &config.smtp;
@@ -177,10 +219,26 @@ impl Daemon {
                 auth_failure_delay: s.auth_failure_delay,
             },
             storage,
+            signer,
+            metrics: metrics.clone(),
         });
 
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut acceptors = Vec::new();
+        let metrics_listener =
+            crate::metrics::bind(config.metrics.listen)
+                .await
+                .map_err(|source| {
+                    bind_error(config.metrics.listen, source, "; change [metrics] listen")
+                })?;
+        let metrics_addr = metrics_listener
+            .local_addr()
+            .unwrap_or(config.metrics.listen);
+        acceptors.push(tokio::spawn(crate::metrics::serve(
+            metrics_listener,
+            metrics,
+            shutdown_rx.clone(),
+        )));
         // Free space is checked with every message, and here every second so
         // that MAIL is refused (and accepted again) without waiting for one.
         {
@@ -216,6 +274,7 @@ impl Daemon {
         Ok(Daemon {
             smtp_addrs,
             smtps_addrs,
+            metrics_addr,
             recovery,
             certificate: Some(certificate),
             shutdown,
@@ -227,6 +286,24 @@ impl Daemon {
 
     pub fn queue(&self) -> &Queue {
         &self.receiver.queue
+    }
+
+    /// Loads the DKIM keys of `config` and, if every one loads, uses them
+    /// for new messages; otherwise keeps the current keys. Returns how many
+    /// keys are now in use.
+    pub async fn reload_dkim(&self, config: &Config) -> Result<usize, dkim_keys::KeyError> {
+        let specs = config.dkim_key_specs();
+        let ring = tokio::task::spawn_blocking(move || KeyRing::load(&specs))
+            .await
+            .expect("key loading does not panic")?;
+        let n = ring.keys().len();
+        self.receiver.signer.replace_ring(ring);
+        Ok(n)
+    }
+
+    /// The keys in use.
+    pub fn dkim_ring(&self) -> Arc<KeyRing> {
+        self.receiver.signer.ring()
     }
 
     /// Open connections.

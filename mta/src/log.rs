@@ -85,6 +85,12 @@ pub struct Reception {
     pub size: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message_id: Option<String>,
+    /// The DKIM signatures added (domain, selector, algorithm).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dkim: Vec<crate::sign::SignatureInfo>,
+    /// Why the message was accepted unsigned, when it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dkim_unsigned: Option<String>,
 }
 
 /// A command, a message or a connection was refused.
@@ -416,6 +422,8 @@ mod tests {
             recipients: vec!["a@d.example".into()],
             size: 100,
             message_id: None,
+            dkim: vec![],
+            dkim_unsigned: None,
         })
     }
 

@@ -21,6 +21,9 @@ pub struct Prepared {
     pub content: Vec<u8>,
     /// The Message-ID (the client's, or the one we added), with brackets.
     pub message_id: Option<String>,
+    /// The domain of the (first) From: address, lower-cased: the DKIM
+    /// signing domain.
+    pub from_domain: String,
 }
 
 fn refuse(status: Status, text: String) -> Reply {
@@ -127,12 +130,17 @@ pub fn prepare(
         added.push_str(&format!("Date: {date}\r\n"));
     }
 
+    let from_domain = from_addresses[0]
+        .rsplit_once('@')
+        .map(|(_, d)| crate::policy::normalize_domain(d))
+        .unwrap_or_default();
     let mut content = Vec::with_capacity(added.len() + env.content.len());
     content.extend_from_slice(added.as_bytes());
     content.extend_from_slice(&env.content);
     Ok(Prepared {
         content,
         message_id,
+        from_domain,
     })
 }
 
@@ -265,6 +273,20 @@ mod tests {
         assert!(e.text.contains("2 From"), "{e}");
         let e = run("From: undisclosed\r\n\r\nx\r\n", None).unwrap_err();
         assert!(e.text.contains("no address"), "{e}");
+    }
+
+    #[test]
+    fn the_from_domain_is_reported_for_signing() {
+        let p = prepare(
+            &env("From: \"N\" <news@Mail.ACME.example>\r\n\r\nx\r\n", None),
+            &policy(),
+            "mx.test",
+            "0QID",
+            now(),
+            1,
+        )
+        .unwrap();
+        assert_eq!(p.from_domain, "mail.acme.example");
     }
 
     #[test]

@@ -99,6 +99,9 @@ pub struct Submission {
     pub body_8bit: bool,
     /// The Message-ID header of the stored message.
     pub message_id: Option<String>,
+    /// The DKIM signatures added at reception, as `d=<domain> s=<selector> a=<algorithm>`.
+    #[serde(default)]
+    pub dkim: Vec<String>,
 }
 
 /// Everything the store knows about one message, except its content.
@@ -229,6 +232,7 @@ mod tests {
                 smtputf8: true,
                 body_8bit: false,
                 message_id: Some("<x@y>".into()),
+                dkim: vec!["d=acme.example s=s1 a=rsa-sha256".into()],
             },
             held: false,
             recipients: vec![

@@ -13,6 +13,8 @@
 //! - [`client::Client`]: a blocking SMTP client over real sockets and real
 //!   TLS, which sends exactly the bytes a test gives it (pipelining,
 //!   smuggling, over-long lines).
+//! - [`dns::DnsServer`]: a real DNS server (hickory-server) on loopback
+//!   serving zones written as zone-file text.
 //! - [`dialogue`]: the `.smtp` fixture format and its runner.
 //! - [`tools`]: running independent clients (Python smtplib, swaks).
 //!
@@ -20,5 +22,6 @@
 
 pub mod client;
 pub mod dialogue;
+pub mod dns;
 pub mod server;
 pub mod tools;

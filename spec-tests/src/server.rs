@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use mta::clock::SystemClock;
 use mta::config::Config;
+pub use mta::daemon::Daemon as RunningDaemon;
 use mta::daemon::{Daemon, log_path};
 use mta::log::Record;
 use queue::Queue;
@@ -40,6 +41,8 @@ pub struct TestServer {
     pub addr: SocketAddr,
     /// The implicit-TLS listener, if the config has one.
     pub tls_addr: Option<SocketAddr>,
+    /// The metrics endpoint.
+    pub metrics_addr: SocketAddr,
     runtime: Option<tokio::runtime::Runtime>,
     daemon: Option<Daemon>,
 }
@@ -60,6 +63,7 @@ impl TestServer {
         if !config.smtp.listen_tls.is_empty() {
             config.smtp.listen_tls = vec!["127.0.0.1:0".parse().unwrap()];
         }
+        config.metrics.listen = "127.0.0.1:0".parse().unwrap();
         tweak(&mut config);
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -72,6 +76,7 @@ impl TestServer {
         TestServer {
             addr: daemon.smtp_addrs[0],
             tls_addr: daemon.smtps_addrs.first().copied(),
+            metrics_addr: daemon.metrics_addr,
             dir,
             config,
             runtime: Some(runtime),
@@ -85,6 +90,20 @@ impl TestServer {
 
     pub fn queue(&self) -> &Queue {
         self.daemon.as_ref().expect("running").queue()
+    }
+
+    pub fn daemon(&self) -> &Daemon {
+        self.daemon.as_ref().expect("running")
+    }
+
+    /// Runs a future on the server's runtime.
+    pub fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.runtime.as_ref().expect("running").block_on(f)
+    }
+
+    /// The metrics endpoint's text.
+    pub fn scrape(&self) -> String {
+        scrape(self.metrics_addr)
     }
 
     pub fn records(&self) -> Vec<Record> {
@@ -211,10 +230,16 @@ impl DaemonProcess {
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let data_dir = dir.join("data");
         let config_path = dir.join("mta.toml");
+        let metrics_port = free_port();
         let text = format!(
             "hostname = \"mx.test\"\ndata_dir = \"{}\"\n{toml}\n",
             data_dir.display()
         );
+        let text = if text.contains("[metrics]") {
+            text
+        } else {
+            format!("{text}\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n")
+        };
         let text = if text.contains("[smtp]") {
             text.replace("[smtp]", &format!("[smtp]\nlisten = [\"{addr}\"]"))
         } else {
@@ -352,4 +377,30 @@ pub fn offline_queue_ids(data_dir: &Path) -> Vec<String> {
         .iter()
         .map(|m| m["id"].as_str().expect("an id").to_string())
         .collect()
+}
+
+/// `GET /metrics` over plain HTTP; returns the body.
+pub fn scrape(addr: SocketAddr) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to the metrics endpoint");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).expect("metrics response");
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_string()
+}
+
+/// The value of one sample in Prometheus text, e.g.
+/// `metric(&text, "mta_dkim_signatures_total{algorithm=\"rsa-sha256\"}")`.
+pub fn metric(text: &str, sample: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        l.strip_prefix(sample)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
 }

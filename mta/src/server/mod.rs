@@ -27,8 +27,10 @@ use stream::Stream;
 use crate::auth::{AuthThrottle, Users};
 use crate::clock::{Clock, millis};
 use crate::log::{self, Record, SessionInfo, TransactionLog};
+use crate::metrics::Metrics;
 use crate::policy::{Policy, canonical_ip};
 use crate::reception;
+use crate::sign::{Signed, Signer};
 use crate::smtp::command::BodyType;
 use crate::smtp::reply::replies;
 use crate::smtp::{
@@ -57,6 +59,8 @@ pub struct Receiver {
     pub tls: Option<TlsAcceptor>,
     pub timeouts: Timeouts,
     pub storage: StorageGuard,
+    pub signer: Signer,
+    pub metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for Receiver {
@@ -194,7 +198,33 @@ impl Receiver {
             Ok(p) => p,
             Err(reply) => return Err(refuse(reply, &env)),
         };
-        let size = prepared.content.len() as u64;
+        // Sign once, before storing: every retry sends the same signature.
+        let reception::Prepared {
+            content,
+            message_id,
+            from_domain,
+        } = prepared;
+        let content = Arc::new(content);
+        let signed = match self
+            .signer
+            .sign(content.clone(), &from_domain, env.tenant.as_deref(), now)
+            .await
+        {
+            Ok(s) => s,
+            Err(reply) => return Err(refuse(reply, &env)),
+        };
+        let content = Arc::try_unwrap(content).unwrap_or_else(|shared| (*shared).clone());
+        let (content, dkim, dkim_unsigned) = match signed {
+            Signed::Yes {
+                mut headers,
+                signatures,
+            } => {
+                headers.extend_from_slice(&content);
+                (headers, signatures, None)
+            }
+            Signed::No { reason } => (content, Vec::new(), Some(reason)),
+        };
+        let size = content.len() as u64;
         // The store writes the message and its record; twice the size keeps
         // the estimate on the safe side.
         if !self.storage.check(size.saturating_mul(2)) {
@@ -212,14 +242,22 @@ impl Receiver {
                 auth_user: env.auth.as_ref().map(|a| a.user.clone()),
                 smtputf8: env.params.smtputf8,
                 body_8bit: env.params.body == BodyType::EightBitMime,
-                message_id: prepared.message_id.clone(),
+                message_id: message_id.clone(),
+                dkim: dkim
+                    .iter()
+                    .map(|s| format!("d={} s={} a={}", s.domain, s.selector, s.algorithm))
+                    .collect(),
             },
-            content: prepared.content,
+            content,
         };
         if let Err(e) = self.queue.enqueue(message).await {
             tracing::error!(error = %e, "could not store a message; answered 451");
             return Err(refuse(replies::storage_failure(), &env));
         }
+        self.metrics
+            .messages_received
+            .with_label_values(&[env.tenant.as_deref().unwrap_or("-")])
+            .inc();
         let mut info = info;
         info.tenant = env.tenant.clone();
         // Written before the 250: a crash after the reply cannot lose it.
@@ -232,7 +270,9 @@ impl Receiver {
                 sender: env.sender,
                 recipients: env.recipients,
                 size,
-                message_id: prepared.message_id,
+                message_id,
+                dkim,
+                dkim_unsigned,
             }))
             .await;
         Ok(id_text)
@@ -279,7 +319,9 @@ pub async fn accept_loop(
                 let rx = rx.clone();
                 let shutdown = shutdown.clone();
                 tokio::spawn(async move {
+                    rx.metrics.smtp_sessions.inc();
                     serve(&rx, socket, peer, implicit_tls, shutdown).await;
+                    rx.metrics.smtp_sessions.dec();
                     drop(slot);
                 });
             }

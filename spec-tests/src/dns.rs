@@ -1,0 +1,111 @@
+//! A real DNS server on loopback for the tests: hickory-server, serving
+//! zones written in zone-file syntax, on UDP and TCP at one port.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hickory_server::Server;
+use hickory_server::proto::rr::{LowerName, Name, RecordSet, RrKey};
+use hickory_server::proto::serialize::txt::Parser;
+use hickory_server::store::in_memory::InMemoryZoneHandler;
+use hickory_server::zone_handler::{AxfrPolicy, Catalog, ZoneType};
+
+/// A running DNS server; stops when dropped.
+pub struct DnsServer {
+    pub addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// The SOA and NS every test zone needs, to be followed by its records.
+pub fn zone_header(origin: &str) -> String {
+    format!(
+        "$ORIGIN {origin}.\n$TTL 300\n@ IN SOA ns.{origin}. hostmaster.{origin}. 1 3600 600 86400 300\n@ IN NS ns.{origin}.\nns IN A 127.0.0.1\n"
+    )
+}
+
+fn parse_zone(origin: &str, text: &str) -> BTreeMap<RrKey, RecordSet> {
+    let origin_name = Name::from_str(&format!("{origin}.")).expect("zone origin");
+    let (_, records) = Parser::new(text, None, Some(origin_name))
+        .parse()
+        .unwrap_or_else(|e| panic!("zone {origin} does not parse: {e}\n{text}"));
+    records
+}
+
+impl DnsServer {
+    /// Serves the zones: `(origin, records)`, where records are zone-file
+    /// lines relative to the origin ([`zone_header`] is prepended).
+    pub fn start(zones: &[(&str, &str)]) -> DnsServer {
+        let mut catalog = Catalog::new();
+        for (origin, records) in zones {
+            let text = format!("{}{records}\n", zone_header(origin));
+            let name = Name::from_str(&format!("{origin}.")).unwrap();
+            let handler =
+                InMemoryZoneHandler::<hickory_server::net::runtime::TokioRuntimeProvider>::new(
+                    name.clone(),
+                    parse_zone(origin, &text),
+                    ZoneType::Primary,
+                    AxfrPolicy::Deny,
+                )
+                .expect("zone loads");
+            catalog.upsert(LowerName::from(name), vec![Arc::new(handler)]);
+        }
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let mut server = Server::new(catalog);
+                // UDP and TCP on the same port, as resolvers expect.
+                let (udp, tcp) = loop {
+                    let udp = tokio::net::UdpSocket::bind("127.0.0.1:0")
+                        .await
+                        .expect("bind UDP");
+                    let port = udp.local_addr().unwrap().port();
+                    if let Ok(tcp) = tokio::net::TcpListener::bind(("127.0.0.1", port)).await {
+                        break (udp, tcp);
+                    }
+                };
+                addr_tx.send(udp.local_addr().unwrap()).unwrap();
+                server.register_socket(udp);
+                server.register_listener(tcp, Duration::from_secs(10), 4096);
+                let _ = stop_rx.await;
+                let _ = server.shutdown_gracefully().await;
+            });
+        });
+        let addr = addr_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the DNS server starts");
+        DnsServer {
+            addr,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for DnsServer {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A TXT record line with a long value split into 255-octet strings.
+pub fn txt_line(owner: &str, value: &str) -> String {
+    let parts: Vec<String> = dkim_keys::record::split_strings(value)
+        .into_iter()
+        .map(|s| format!("\"{s}\""))
+        .collect();
+    format!("{owner} IN TXT {}\n", parts.join(" "))
+}
