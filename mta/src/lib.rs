@@ -1,10 +1,10 @@
 //! The mta: an outbound mail transfer agent for senders of campaign mail.
 //!
 //! This crate is the daemon and its command-line tool. A marketing platform
-//! submits mail over SMTP; reception checks and stores it durably in the
-//! `queue` crate before answering 250, and writes one transaction log
-//! record per event. (DKIM signing, SPF/DMARC alignment, delivery, metrics
-//! and the admin API arrive in later issues; see ARCHITECTURE.md.)
+//! submits mail over SMTP; reception checks it, DKIM-signs it and stores it
+//! durably in the `queue` crate before answering 250, and writes one
+//! transaction log record per event. (SPF/DMARC alignment, delivery and the
+//! admin API arrive in later issues; see ARCHITECTURE.md.)
 //!
 //! Layout, in the order data flows:
 //! - [`smtp`]: the SMTP protocol, pure (parsing, replies, content framing,
@@ -15,8 +15,12 @@
 //! - [`policy`], [`auth`]: who may connect, relay, authenticate, and send
 //!   as which domain.
 //! - [`reception`]: header checks and the headers we add.
+//! - [`sign`]: DKIM signing (RFC 6376, RFC 8463) with the keys of the
+//!   `dkim-keys` ring.
 //! - [`log`]: the transaction log schema, writer and reader.
-//! - [`config`], [`tls`], [`clock`], [`daemon`], [`cli`].
+//! - [`metrics`]: Prometheus metrics and `/metrics`.
+//! - [`dns`]: the resolver.
+//! - [`config`], [`tls`], [`clock`], [`daemon`], [`cli`], [`dkim_cli`].
 //!
 //! Trust boundary: everything a client sends is untrusted and passes
 //! through `smtp` and `policy` before anything is stored; the config file
