@@ -18,7 +18,8 @@ sudo_if_needed() {
 missing=()
 command -v swaks >/dev/null 2>&1 || missing+=(swaks)
 perl -MNet::SSLeay -e 1 >/dev/null 2>&1 || missing+=(libnet-ssleay-perl)
-command -v python3 >/dev/null 2>&1 || missing+=(python3 python3-pip)
+command -v python3 >/dev/null 2>&1 || missing+=(python3)
+python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing test dependencies: ${missing[*]}"
@@ -27,9 +28,13 @@ if [ ${#missing[@]} -gt 0 ]; then
     || { sudo_if_needed apt-get update -q && sudo_if_needed apt-get install -y -q --no-install-recommends "${missing[@]}"; }
 fi
 
-if ! python3 -c 'import dkim, nacl' >/dev/null 2>&1; then
-  echo "installing test dependencies: dkimpy pynacl (PyPI)"
-  python3 -m pip install --quiet --disable-pip-version-check dkimpy pynacl
+# dkimpy (with PyNaCl) verifies DKIM; aiosmtpd is an independent receiving
+# MX for the delivery tests. Debian's own python3 refuses pip installs
+# outside a virtualenv (PEP 668): fall back to --break-system-packages there.
+if ! python3 -c 'import dkim, nacl, aiosmtpd' >/dev/null 2>&1; then
+  echo "installing test dependencies: dkimpy pynacl aiosmtpd (PyPI)"
+  python3 -m pip install --quiet --disable-pip-version-check dkimpy pynacl aiosmtpd \
+    || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages dkimpy pynacl aiosmtpd
 fi
 
 cargo fmt --all -- --check

@@ -316,46 +316,115 @@ pub enum OutboundTls {
     Disabled,
 }
 
-/// `[delivery]` (used from the delivery issue on).
+/// `[delivery]`: outbound SMTP to the recipients' MX hosts.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DeliveryConfig {
+    /// Deliver queued mail. `false` only accepts and queues (a
+    /// reception-only node, or a pause while something is checked).
+    /// Default true.
+    pub enabled: bool,
     /// Port of receiving MX hosts. Default 25.
     pub port: u16,
-    /// `"opportunistic"` (default), `"required"` or `"disabled"`.
+    /// `"opportunistic"` (default: STARTTLS whenever offered, any
+    /// certificate), `"required"` (no delivery without TLS) or `"disabled"`.
     pub tls: OutboundTls,
     /// `"host:port"` sends everything there; default "" (MX routing).
     pub relay_host: String,
-    /// Default 10.
+    /// Open connections to one destination (domain, or the relay host). Default 10.
     pub max_connections_per_destination: usize,
-    /// Default 100.
+    /// Open outbound connections in total. Default 500.
+    pub max_connections: usize,
+    /// Messages sent over one connection before it is closed. Default 100.
     pub messages_per_connection: usize,
-    /// Default "5m".
+    /// Messages being delivered at once (claimed from the queue, content in
+    /// memory). Default 1000.
+    pub max_in_flight: usize,
+    /// First retry after a temporary failure; each later one waits twice as
+    /// long (with up to 10 % jitter). Default "5m".
     #[serde(deserialize_with = "duration")]
     pub retry_initial: Duration,
-    /// Default "4h".
+    /// Longest wait between two attempts. Default "4h".
     #[serde(deserialize_with = "duration")]
     pub retry_max: Duration,
-    /// Default "5d".
+    /// A message still undelivered this long after reception expires
+    /// (RFC 5321 §4.5.4.1 suggests 4-5 days). Default "5d".
     #[serde(deserialize_with = "duration")]
     pub max_lifetime: Duration,
-    /// Send RFC 3464 DSNs for bounces and expiries. Default true.
+    /// Send RFC 3464 DSNs for bounces and expiries. Default true. Turn off
+    /// for platforms that process bounces from the transaction log.
     pub bounces: bool,
+    /// Send one "delayed" DSN when a message is still undelivered this long
+    /// after reception. Default: none (no delay warnings).
+    #[serde(deserialize_with = "optional_duration")]
+    pub delay_warning: Option<Duration>,
+    /// TCP connect to one address. Default "30s".
+    #[serde(deserialize_with = "duration")]
+    pub connect_timeout: Duration,
+    /// Greeting, EHLO, STARTTLS, MAIL, RCPT, RSET replies (RFC 5321
+    /// §4.5.3.2). Default "5m".
+    #[serde(deserialize_with = "duration")]
+    pub command_timeout: Duration,
+    /// Sending the content and waiting for the final reply. Default "10m".
+    #[serde(deserialize_with = "duration")]
+    pub data_timeout: Duration,
+    /// An idle connection waits this long for another message to the same
+    /// destination before QUIT. Default "5s".
+    #[serde(deserialize_with = "duration")]
+    pub idle_timeout: Duration,
+    /// Failed TLS handshakes with one host before opportunistic TLS sends to
+    /// it in plaintext (logged). 0 never falls back. Default 3.
+    pub tls_fallback_after: u32,
+    /// Extra CA certificates (PEM) trusted when verifying MX certificates,
+    /// besides the built-in web PKI roots. Verification is logged; under
+    /// opportunistic TLS it does not stop delivery. Default: none.
+    pub tls_trust_anchors: Option<Spanned<PathBuf>>,
+    /// Per destination domain: `[delivery.domains."bank.example"] tls = "required"`.
+    pub domains: std::collections::BTreeMap<String, DestinationConfig>,
+}
+
+/// `[delivery.domains."<domain>"]`: what differs for one destination.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct DestinationConfig {
+    /// Overrides `[delivery] tls` for this domain.
+    pub tls: Option<OutboundTls>,
 }
 
 impl Default for DeliveryConfig {
     fn default() -> Self {
         DeliveryConfig {
+            enabled: true,
             port: 25,
             tls: OutboundTls::Opportunistic,
             relay_host: String::new(),
             max_connections_per_destination: 10,
+            max_connections: 500,
             messages_per_connection: 100,
+            max_in_flight: 1000,
             retry_initial: Duration::from_secs(300),
             retry_max: Duration::from_secs(4 * 3600),
             max_lifetime: Duration::from_secs(5 * 86400),
             bounces: true,
+            delay_warning: None,
+            connect_timeout: Duration::from_secs(30),
+            command_timeout: Duration::from_secs(300),
+            data_timeout: Duration::from_secs(600),
+            idle_timeout: Duration::from_secs(5),
+            tls_fallback_after: 3,
+            tls_trust_anchors: None,
+            domains: Default::default(),
         }
+    }
+}
+
+impl DeliveryConfig {
+    /// The TLS policy for a destination domain.
+    pub fn tls_for(&self, domain: &str) -> OutboundTls {
+        self.domains
+            .get(domain)
+            .and_then(|d| d.tls)
+            .unwrap_or(self.tls)
     }
 }
 
@@ -591,6 +660,37 @@ impl Config {
                         "tenant '{}' cannot sign with {d}: it is a sender domain of tenant '{}'",
                         t.name.get_ref(),
                         owner.name.get_ref()
+                    ),
+                ));
+            }
+        }
+        let d = &self.delivery;
+        if d.max_connections_per_destination == 0
+            || d.max_connections == 0
+            || d.messages_per_connection == 0
+            || d.max_in_flight == 0
+        {
+            return Err((
+                None,
+                "[delivery] max_connections_per_destination, max_connections, messages_per_connection and max_in_flight must be above 0".into(),
+            ));
+        }
+        if d.retry_initial.is_zero() || d.retry_max < d.retry_initial {
+            return Err((
+                None,
+                "[delivery] retry_initial must be above 0 and retry_max at least retry_initial"
+                    .into(),
+            ));
+        }
+        for domain in d.domains.keys() {
+            if DomainPattern::parse(domain).is_err()
+                || domain.starts_with('*')
+                || domain != &domain.to_lowercase()
+            {
+                return Err((
+                    None,
+                    format!(
+                        "[delivery.domains] '{domain}' is not a domain name: write it in lower case, without wildcards"
                     ),
                 ));
             }

@@ -19,6 +19,8 @@ use dkim_keys::KeyRing;
 use crate::auth::{AuthThrottle, Users};
 use crate::clock::Clock;
 use crate::config::Config;
+use crate::delivery::tls::ClientTls;
+use crate::delivery::{Delivery, Parts, Settings};
 use crate::log::{LogError, LogWriterGuard, TransactionLog};
 use crate::metrics::Metrics;
 use crate::policy::{Policy, Tenant};
@@ -42,6 +44,10 @@ pub enum StartError {
     Tls(#[from] TlsError),
     #[error(transparent)]
     Dkim(#[from] dkim_keys::KeyError),
+    #[error("{0}; check [dns] nameservers")]
+    Dns(String),
+    #[error(transparent)]
+    ClientTls(#[from] crate::delivery::tls::ClientTlsError),
     #[error("cannot listen on {addr}: {source}{hint}")]
     Bind {
         addr: SocketAddr,
@@ -72,6 +78,7 @@ pub struct Daemon {
     shutdown: watch::Sender<bool>,
     acceptors: Vec<JoinHandle<()>>,
     receiver: Arc<Receiver>,
+    delivery: Arc<Delivery>,
     log_guard: LogWriterGuard,
 }
 
@@ -181,7 +188,16 @@ impl Daemon {
         .expect("key loading does not panic")?;
         tracing::info!(keys = ring.keys().len(), "DKIM keys loaded");
         let metrics = Metrics::new();
-        let signer = Signer::new(ring, signing_policy(config), metrics.clone());
+        let signer = Arc::new(Signer::new(ring, signing_policy(config), metrics.clone()));
+        let resolver = crate::dns::resolver(&config.dns).map_err(StartError::Dns)?;
+        let client_tls = ClientTls::new(
+            config
+                .delivery
+                .tls_trust_anchors
+                .as_ref()
+                .map(|p| p.get_ref().as_path()),
+        )?;
+        let wake = Arc::new(tokio::sync::Notify::new());
 
         let policy = Arc::new(policy(config));
         let users = Arc::new(Users::from_config(&config.tenants));
@@ -219,8 +235,25 @@ impl Daemon {
                 auth_failure_delay: s.auth_failure_delay,
             },
             storage,
+            signer: signer.clone(),
+            metrics: metrics.clone(),
+            wake: wake.clone(),
+        });
+        let delivery = Delivery::new(Parts {
+            settings: Settings {
+                hostname: config.hostname(),
+                delivery: config.delivery.clone(),
+                egress: config.egress.clone(),
+            },
+            queue: receiver.queue.clone(),
+            log: receiver.log.clone(),
+            clock: receiver.clock.clone(),
+            resolver,
+            client_tls,
             signer,
             metrics: metrics.clone(),
+            wake,
+            seed: None,
         });
 
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -270,6 +303,11 @@ impl Daemon {
                 )));
             }
         }
+        if config.delivery.enabled {
+            acceptors.push(tokio::spawn(delivery.clone().run(shutdown_rx.clone())));
+        } else {
+            tracing::warn!("[delivery] enabled = false: mail is accepted and queued, not sent");
+        }
         tracing::info!(smtp = ?smtp_addrs, smtps = ?smtps_addrs, "accepting mail");
         Ok(Daemon {
             smtp_addrs,
@@ -280,12 +318,18 @@ impl Daemon {
             shutdown,
             acceptors,
             receiver,
+            delivery,
             log_guard,
         })
     }
 
     pub fn queue(&self) -> &Queue {
         &self.receiver.queue
+    }
+
+    /// The delivery side.
+    pub fn delivery(&self) -> &Arc<Delivery> {
+        &self.delivery
     }
 
     /// Loads the DKIM keys of `config` and, if every one loads, uses them
@@ -321,6 +365,9 @@ impl Daemon {
         }
         let deadline = tokio::time::Instant::now() + grace;
         while self.receiver.limits.active() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        while self.delivery.in_flight() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let left = self.receiver.limits.active();

@@ -17,6 +17,8 @@ pub fn resolver(config: &DnsConfig) -> Result<TokioResolver, String> {
     opts.ndots = 0;
     opts.attempts = 2;
     opts.timeout = std::time::Duration::from_secs(5);
+    // Delivery tries every address of an MX host, IPv4 and IPv6 alike.
+    opts.ip_strategy = hickory_resolver::config::LookupIpStrategy::Ipv4AndIpv6;
     let builder = if config.nameservers.is_empty() {
         TokioResolver::builder_tokio()
             .map_err(|e| format!("cannot read the system's DNS configuration: {e}"))?

@@ -129,13 +129,76 @@ pub struct AuthFailure {
     pub reply: LoggedReply,
 }
 
+/// One delivery attempt for one recipient: the body of the Delivery,
+/// TransientFailure, Bounce and Expiration records.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Attempt {
+    #[serde(with = "time::serde::rfc3339")]
+    pub timestamp: Timestamp,
+    pub queue_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    /// MAIL FROM; empty for `<>`.
+    pub sender: String,
+    pub recipient: String,
+    /// 1 for the first attempt.
+    pub attempt: u32,
+    /// Seconds since the message was received.
+    pub delay_seconds: f64,
+    /// The MX (or relay) host that answered, or was last tried.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mx_host: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mx_ip: Option<String>,
+    /// Our source address on that connection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress_ip: Option<String>,
+    /// `tls`, `plaintext-not-offered`, `plaintext-after-failed-handshakes`
+    /// or `plaintext-disabled`; absent when no session was established.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_cipher: Option<String>,
+    /// Whether the MX certificate verified (web PKI, host name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_verified: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_verify_error: Option<String>,
+    /// The reply: the remote server's, or ours for local failures.
+    #[serde(flatten)]
+    pub reply: LoggedReply,
+    /// How far a failure reached: recipient, message, host, session, destination.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
+    /// TransientFailure: when the next attempt is due.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "time::serde::rfc3339::option"
+    )]
+    pub next_attempt: Option<Timestamp>,
+    /// Bounce/Expiration: the queue ID of the DSN sent to the sender.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dsn_queue_id: Option<String>,
+}
+
 /// One transaction log record.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type")]
 pub enum Record {
     Reception(Reception),
     Rejection(Rejection),
     AuthFailure(AuthFailure),
+    /// The receiving server accepted the recipient (final).
+    Delivery(Attempt),
+    /// A temporary failure; the recipient is deferred.
+    TransientFailure(Attempt),
+    /// A permanent failure (final).
+    Bounce(Attempt),
+    /// Retried until the message's lifetime ran out (final).
+    Expiration(Attempt),
 }
 
 impl Record {
@@ -144,13 +207,45 @@ impl Record {
             Record::Reception(r) => r.timestamp,
             Record::Rejection(r) => r.timestamp,
             Record::AuthFailure(r) => r.timestamp,
+            Record::Delivery(a)
+            | Record::TransientFailure(a)
+            | Record::Bounce(a)
+            | Record::Expiration(a) => a.timestamp,
         }
     }
 
     pub fn queue_id(&self) -> Option<&str> {
         match self {
             Record::Reception(r) => Some(&r.queue_id),
+            Record::Delivery(a)
+            | Record::TransientFailure(a)
+            | Record::Bounce(a)
+            | Record::Expiration(a) => Some(&a.queue_id),
             _ => None,
+        }
+    }
+
+    /// The attempt, for the four delivery records.
+    pub fn attempt(&self) -> Option<&Attempt> {
+        match self {
+            Record::Delivery(a)
+            | Record::TransientFailure(a)
+            | Record::Bounce(a)
+            | Record::Expiration(a) => Some(a),
+            _ => None,
+        }
+    }
+
+    /// The record's `type`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Record::Reception(_) => "Reception",
+            Record::Rejection(_) => "Rejection",
+            Record::AuthFailure(_) => "AuthFailure",
+            Record::Delivery(_) => "Delivery",
+            Record::TransientFailure(_) => "TransientFailure",
+            Record::Bounce(_) => "Bounce",
+            Record::Expiration(_) => "Expiration",
         }
     }
 }

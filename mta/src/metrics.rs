@@ -28,6 +28,19 @@ pub struct Metrics {
     pub messages_received: IntCounterVec,
     /// Open SMTP sessions.
     pub smtp_sessions: IntGauge,
+    /// Delivery attempts per recipient, by outcome (delivered, deferred,
+    /// bounced, expired).
+    pub delivery_attempts: IntCounterVec,
+    /// Outbound sessions opened, by TLS outcome (tls,
+    /// plaintext-not-offered, plaintext-after-failed-handshakes,
+    /// plaintext-disabled) and failed handshakes (handshake-failed).
+    pub outbound_sessions: IntCounterVec,
+    /// Open outbound connections.
+    pub outbound_connections: IntGauge,
+    /// One transaction (MAIL to the final reply) on an open connection.
+    pub delivery_seconds: Histogram,
+    /// DSNs queued for senders, by action (failed).
+    pub dsn_sent: IntCounterVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -85,6 +98,45 @@ impl Metrics {
         registry
             .register(Box::new(smtp_sessions.clone()))
             .expect("unique metric");
+        let delivery_attempts = counter_vec(
+            &registry,
+            "mta_delivery_attempts_total",
+            "Delivery attempts per recipient, by outcome.",
+            &["outcome"],
+        );
+        let outbound_sessions = counter_vec(
+            &registry,
+            "mta_outbound_sessions_total",
+            "Outbound SMTP sessions, by TLS outcome.",
+            &["tls"],
+        );
+        let outbound_connections = IntGauge::new(
+            "mta_outbound_connections",
+            "Open outbound SMTP connections.",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(outbound_connections.clone()))
+            .expect("unique metric");
+        let delivery_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "mta_delivery_transaction_duration_seconds",
+                "Time of one outbound transaction, MAIL FROM to the final reply.",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ]),
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(delivery_seconds.clone()))
+            .expect("unique metric");
+        let dsn_sent = counter_vec(
+            &registry,
+            "mta_dsn_sent_total",
+            "Delivery status notifications queued for senders, by action.",
+            &["action"],
+        );
         let build = IntCounterVec::new(
             Opts::new("mta_build_info", "Version of the running mta (always 1)."),
             &["version"],
@@ -99,6 +151,11 @@ impl Metrics {
             dkim_signing_seconds,
             messages_received,
             smtp_sessions,
+            delivery_attempts,
+            outbound_sessions,
+            outbound_connections,
+            delivery_seconds,
+            dsn_sent,
         })
     }
 

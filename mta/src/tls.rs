@@ -8,10 +8,10 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Once};
 
+use rustls::ServerConfig;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::ServerSessionMemoryCache;
-use rustls::{ServerConfig, ServerConnection};
 
 use crate::smtp::TlsInfo;
 
@@ -131,7 +131,7 @@ pub fn server_config(source: &CertSource) -> Result<Arc<ServerConfig>, TlsError>
 }
 
 /// The negotiated version and cipher, named as IANA names them.
-pub fn info(conn: &ServerConnection) -> TlsInfo {
+pub fn info(conn: &rustls::CommonState) -> TlsInfo {
     let version = match conn.protocol_version() {
         Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3".to_string(),
         Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2".to_string(),

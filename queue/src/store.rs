@@ -465,6 +465,22 @@ impl Queue {
         Ok(claims)
     }
 
+    /// When the earliest scheduled message is due (ms since the epoch), if
+    /// any is; held and claimed messages are not scheduled.
+    pub fn next_due_ms(&self) -> Result<Option<u64>, QueueError> {
+        let first = self
+            .inner
+            .tree
+            .scan_prefix([SCHED])
+            .keys()
+            .next()
+            .transpose()?;
+        Ok(first.and_then(|k| {
+            let due: [u8; 8] = k.get(1..9)?.try_into().ok()?;
+            Some(u64::from_be_bytes(due))
+        }))
+    }
+
     /// The stored content of a message, checked against its CRC.
     pub fn content(&self, id: QueueId) -> Result<Vec<u8>, QueueError> {
         let rec = self.get(id)?;

@@ -15,6 +15,8 @@
 //!   smuggling, over-long lines).
 //! - [`dns::DnsServer`]: a real DNS server (hickory-server) on loopback
 //!   serving zones written as zone-file text.
+//! - [`sink::Sink`]: a real SMTP receiving server on loopback, scripted by
+//!   recipient, that records what the mta delivers to it.
 //! - [`dialogue`]: the `.smtp` fixture format and its runner.
 //! - [`tools`]: running independent clients (Python smtplib, swaks).
 //!
@@ -24,4 +26,5 @@ pub mod client;
 pub mod dialogue;
 pub mod dns;
 pub mod server;
+pub mod sink;
 pub mod tools;

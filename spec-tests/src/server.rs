@@ -64,6 +64,11 @@ impl TestServer {
             config.smtp.listen_tls = vec!["127.0.0.1:0".parse().unwrap()];
         }
         config.metrics.listen = "127.0.0.1:0".parse().unwrap();
+        // Reception tests keep what they queue; delivery tests turn this on
+        // with their own loopback DNS and sinks (no test reaches the internet).
+        if !toml.contains("[delivery]") {
+            config.delivery.enabled = false;
+        }
         tweak(&mut config);
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -235,6 +240,11 @@ impl DaemonProcess {
             "hostname = \"mx.test\"\ndata_dir = \"{}\"\n{toml}\n",
             data_dir.display()
         );
+        let text = if text.contains("[delivery]") {
+            text
+        } else {
+            format!("{text}\n[delivery]\nenabled = false\n")
+        };
         let text = if text.contains("[metrics]") {
             text
         } else {

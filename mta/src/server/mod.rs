@@ -8,7 +8,6 @@
 
 mod limits;
 mod storage;
-mod stream;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -22,7 +21,9 @@ use tokio_rustls::TlsAcceptor;
 
 pub use limits::{ConnectionLimits, Slot};
 pub use storage::{StorageGuard, available_bytes};
-use stream::Stream;
+
+/// A reception connection: plaintext until STARTTLS.
+type Stream = crate::stream::Stream<tokio_rustls::server::TlsStream<TcpStream>>;
 
 use crate::auth::{AuthThrottle, Users};
 use crate::clock::{Clock, millis};
@@ -59,8 +60,10 @@ pub struct Receiver {
     pub tls: Option<TlsAcceptor>,
     pub timeouts: Timeouts,
     pub storage: StorageGuard,
-    pub signer: Signer,
+    pub signer: Arc<Signer>,
     pub metrics: Arc<Metrics>,
+    /// Wakes delivery when a message is queued.
+    pub wake: Arc<tokio::sync::Notify>,
 }
 
 impl std::fmt::Debug for Receiver {
@@ -254,6 +257,7 @@ impl Receiver {
             tracing::error!(error = %e, "could not store a message; answered 451");
             return Err(refuse(replies::storage_failure(), &env));
         }
+        self.wake.notify_one();
         self.metrics
             .messages_received
             .with_label_values(&[env.tenant.as_deref().unwrap_or("-")])

@@ -1,4 +1,5 @@
-//! A connection that starts in plaintext and may become TLS.
+//! A connection that starts in plaintext and may become TLS (STARTTLS):
+//! reception's server side and delivery's client side alike.
 
 use std::io;
 use std::pin::Pin;
@@ -6,11 +7,12 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio_rustls::server::TlsStream;
 
-pub enum Stream {
+/// `T` is the TLS stream: `tokio_rustls::server::TlsStream<TcpStream>` or
+/// its client counterpart.
+pub enum Stream<T> {
     Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
+    Tls(Box<T>),
     /// Only while the handshake owns the socket.
     Gone,
 }
@@ -19,7 +21,7 @@ fn gone() -> io::Error {
     io::Error::new(io::ErrorKind::NotConnected, "connection is gone")
 }
 
-impl AsyncRead for Stream {
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for Stream<T> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -33,7 +35,7 @@ impl AsyncRead for Stream {
     }
 }
 
-impl AsyncWrite for Stream {
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Stream<T> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,

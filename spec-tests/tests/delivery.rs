@@ -1,0 +1,491 @@
+//! Delivery against real receiving servers on loopback: MX routing through a
+//! real DNS server (RFC 5321 §5.1, RFC 7505), opportunistic and required
+//! STARTTLS (RFC 3207, RFC 7435), per-recipient replies, retries, expiry,
+//! DSNs (RFC 3464), connection reuse, and remote faults. Every assertion
+//! reads the transaction log or the queue.
+//!
+//! MX hosts are sinks on 127.0.0.2, 127.0.0.3, … all on one port (the
+//! `[delivery] port` of the test), named in the test zones.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use mta::log::{Attempt, Record};
+use spec_tests::client::{Client, message};
+use spec_tests::dns::DnsServer;
+use spec_tests::server::{TestServer, queued_id};
+use spec_tests::sink::{Sink, SinkConfig};
+
+const WAIT: Duration = Duration::from_secs(15);
+
+/// Sinks on 127.0.0.(2+i), all on one port; `None` leaves an address
+/// without a listener (connection refused).
+fn sinks(configs: Vec<Option<SinkConfig>>) -> (u16, Vec<Option<Sink>>) {
+    'port: for _ in 0..20 {
+        let port = std::net::TcpListener::bind("127.0.0.2:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut out = Vec::new();
+        for (i, c) in configs.iter().enumerate() {
+            let addr: SocketAddr = format!("127.0.0.{}:{port}", 2 + i).parse().unwrap();
+            match c {
+                None => out.push(None),
+                Some(c) => match Sink::try_start(addr, c.clone()) {
+                    Ok(s) => out.push(Some(s)),
+                    Err(_) => continue 'port,
+                },
+            }
+        }
+        return (port, out);
+    }
+    panic!("no port free on every sink address");
+}
+
+fn tls_sink() -> SinkConfig {
+    SinkConfig {
+        starttls: true,
+        ..Default::default()
+    }
+}
+
+/// The MTA, delivering through `dns` to `port`, with `extra` config.
+fn mta(dns: &DnsServer, port: u16, extra: &str) -> TestServer {
+    let retry_max = if extra.contains("retry_max") {
+        ""
+    } else {
+        "retry_max = \"2s\"\n"
+    };
+    TestServer::start(&format!(
+        "[dns]\nnameservers = [\"{}\"]\n[delivery]\nport = {port}\nretry_initial = \"1s\"\n{retry_max}{extra}",
+        dns.addr
+    ))
+}
+
+/// Submits one message (relayed from loopback without AUTH); its queue ID.
+fn submit(server: &TestServer, from: &str, rcpts: &[&str], content: &str) -> String {
+    let mut c = Client::connect(server.addr);
+    c.ehlo();
+    let replies = c.send_message(from, rcpts, content);
+    queued_id(replies.last().expect("a final reply"))
+}
+
+/// The delivery records of a message, once `n` of them are there.
+fn attempts(server: &TestServer, id: &str, n: usize) -> Vec<(String, Attempt)> {
+    server.wait_for(&format!("{n} delivery records of {id}"), |rs| {
+        let found: Vec<(String, Attempt)> = rs
+            .iter()
+            .filter_map(|r| {
+                r.attempt()
+                    .filter(|a| a.queue_id == id)
+                    .map(|a| (r.kind().to_string(), a.clone()))
+            })
+            .collect();
+        (found.len() >= n).then_some(found)
+    })
+}
+
+fn first(server: &TestServer, id: &str, kind: &str, rcpt: &str) -> Attempt {
+    server.wait_for(&format!("a {kind} record for {rcpt} of {id}"), |rs| {
+        rs.iter().find_map(|r| {
+            r.attempt()
+                .filter(|a| r.kind() == kind && a.queue_id == id && a.recipient == rcpt)
+                .cloned()
+        })
+    })
+}
+
+/// Zone lines giving the origin one MX host, `mx.<origin>`, at `ip`.
+fn one_mx(ip: &str) -> String {
+    format!("@ IN MX 10 mx\nmx IN A {ip}\n")
+}
+
+#[test]
+fn delivers_over_starttls_to_the_mx_and_logs_the_session() {
+    // RFC 5321 §5.1 (MX), RFC 3207 (STARTTLS), RFC 7435 (any certificate).
+    let (port, s) = sinks(vec![Some(tls_sink())]);
+    let dns = DnsServer::start(&[("dest.test", &one_mx("127.0.0.2"))]);
+    let server = mta(&dns, port, "");
+    let body = message("news@sender.test", "a@dest.test", "over TLS");
+    let id = submit(&server, "news@sender.test", &["a@dest.test"], &body);
+    let d = first(&server, &id, "Delivery", "a@dest.test");
+    assert_eq!(d.mx_host.as_deref(), Some("mx.dest.test"));
+    assert_eq!(d.mx_ip.as_deref(), Some("127.0.0.2"));
+    assert_eq!(d.egress_ip.as_deref(), Some("127.0.0.1"));
+    assert_eq!(d.tls.as_deref(), Some("tls"));
+    assert_eq!(d.tls_version.as_deref(), Some("TLSv1.3"));
+    assert_eq!(d.tls_verified, Some(false), "a self-signed certificate");
+    assert!(d.tls_verify_error.is_some());
+    assert_eq!((d.reply.code, d.attempt), (250, 1));
+    assert!(d.scope.is_none());
+    let got = s[0].as_ref().unwrap().wait_for_messages(1, WAIT);
+    assert!(got[0].tls);
+    assert_eq!(got[0].mail_from, "news@sender.test");
+    assert_eq!(got[0].rcpt_to, ["a@dest.test"]);
+    assert_eq!(got[0].helo, "mx.test");
+    // What was sent is what was stored, and the store lets go of it.
+    let text = String::from_utf8(got[0].data.clone()).unwrap();
+    assert!(text.ends_with("Hello from the tests.\r\n"), "{text:?}");
+    assert!(text.starts_with("Received: "), "{text:?}");
+    spec_tests::server::eventually("the delivered message to leave the queue", || {
+        server.queue().is_empty().then_some(())
+    });
+}
+
+#[test]
+fn every_recipient_gets_its_own_outcome_and_the_sender_a_dsn() {
+    // RFC 5321 §3.3: one refused RCPT does not fail the others; RFC 3464 DSN.
+    let (port, s) = sinks(vec![
+        Some(SinkConfig::default()),
+        Some(SinkConfig::default()),
+    ]);
+    let dns = DnsServer::start(&[
+        ("dest.test", &one_mx("127.0.0.2")),
+        ("sender.test", &one_mx("127.0.0.3")),
+    ]);
+    let server = mta(&dns, port, "");
+    let rcpts = ["ok@dest.test", "reject-me@dest.test", "defer-me@dest.test"];
+    let id = submit(
+        &server,
+        "news@sender.test",
+        &rcpts,
+        &message("news@sender.test", "ok@dest.test", "mixed"),
+    );
+    let ok = first(&server, &id, "Delivery", "ok@dest.test");
+    assert_eq!(ok.reply.code, 250);
+    let bounced = first(&server, &id, "Bounce", "reject-me@dest.test");
+    assert_eq!(
+        (bounced.reply.code, bounced.reply.enhanced_code.as_deref()),
+        (550, Some("5.1.1"))
+    );
+    assert_eq!(bounced.scope.as_deref(), Some("recipient"));
+    let dsn_id = bounced.dsn_queue_id.clone().expect("a DSN was queued");
+    let deferred = first(&server, &id, "TransientFailure", "defer-me@dest.test");
+    assert_eq!(deferred.reply.code, 451);
+    assert!(deferred.next_attempt.is_some());
+    // The deferred recipient is still queued, and tried again.
+    let again = server.wait_for("a second attempt for defer-me", |rs| {
+        rs.iter().find_map(|r| {
+            r.attempt()
+                .filter(|a| {
+                    a.queue_id == id && a.recipient == "defer-me@dest.test" && a.attempt == 2
+                })
+                .cloned()
+        })
+    });
+    assert_eq!(again.reply.code, 451);
+    // The DSN reached the sender's MX: from <>, a multipart/report naming
+    // the refused recipient and not the others.
+    let dsn = first(&server, &dsn_id, "Delivery", "news@sender.test");
+    assert_eq!(dsn.sender, "");
+    let got = s[1].as_ref().unwrap().wait_for_messages(1, WAIT);
+    assert_eq!(got[0].mail_from, "");
+    let text = String::from_utf8_lossy(&got[0].data).into_owned();
+    assert!(
+        text.contains("multipart/report; report-type=delivery-status"),
+        "{text}"
+    );
+    assert!(
+        text.contains("Final-Recipient: rfc822; reject-me@dest.test"),
+        "{text}"
+    );
+    assert!(text.contains("Status: 5.1.1"), "{text}");
+    assert!(
+        !text.contains("Final-Recipient: rfc822; ok@dest.test"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("Hello from the tests."),
+        "the body is not returned"
+    );
+}
+
+#[test]
+fn null_mx_and_nxdomain_bounce_at_once_and_a_refusing_dns_defers() {
+    // RFC 7505 §3 (null MX → 5.1.10); NXDOMAIN is permanent; a server that
+    // refuses to answer is temporary.
+    let dns = DnsServer::start(&[
+        ("nullmx.test", "@ IN MX 0 .\n"),
+        ("dest.test", "other IN A 127.0.0.2\n"),
+    ]);
+    let server = mta(&dns, 2, "bounces = false\n");
+    let id = submit(
+        &server,
+        "news@sender.test",
+        &["a@nullmx.test", "b@nowhere.dest.test", "c@unserved.example"],
+        &message("news@sender.test", "a@nullmx.test", "no route"),
+    );
+    let null = first(&server, &id, "Bounce", "a@nullmx.test");
+    assert_eq!(
+        (null.reply.code, null.reply.enhanced_code.as_deref()),
+        (556, Some("5.1.10"))
+    );
+    assert_eq!(null.scope.as_deref(), Some("destination"));
+    let nx = first(&server, &id, "Bounce", "b@nowhere.dest.test");
+    assert_eq!(nx.reply.enhanced_code.as_deref(), Some("5.1.2"));
+    assert!(nx.dsn_queue_id.is_none(), "bounces = false sends no DSN");
+    let refused = first(&server, &id, "TransientFailure", "c@unserved.example");
+    assert_eq!(refused.reply.enhanced_code.as_deref(), Some("4.4.3"));
+}
+
+#[test]
+fn without_mx_the_domain_itself_is_the_host_and_refused_mx_hosts_are_skipped() {
+    // RFC 5321 §5.1: no MX means the A record; the next MX after a refusal.
+    let (port, s) = sinks(vec![
+        Some(SinkConfig::default()),
+        None,
+        Some(SinkConfig::default()),
+    ]);
+    let dns = DnsServer::start(&[
+        ("plain.test", "@ IN A 127.0.0.2\n"),
+        (
+            "two.test",
+            "@ IN MX 10 down.two.test.\n@ IN MX 20 up.two.test.\ndown IN A 127.0.0.3\nup IN A 127.0.0.4\n",
+        ),
+    ]);
+    let server = mta(&dns, port, "");
+    let id = submit(
+        &server,
+        "news@sender.test",
+        &["a@plain.test", "b@two.test"],
+        &message("news@sender.test", "a@plain.test", "routes"),
+    );
+    let a = first(&server, &id, "Delivery", "a@plain.test");
+    assert_eq!(a.mx_host.as_deref(), Some("plain.test"));
+    let b = first(&server, &id, "Delivery", "b@two.test");
+    assert_eq!(b.mx_host.as_deref(), Some("up.two.test"));
+    assert_eq!(b.tls.as_deref(), Some("plaintext-not-offered"));
+    assert_eq!(
+        s[0].as_ref().unwrap().wait_for_messages(1, WAIT)[0].rcpt_to,
+        ["a@plain.test"]
+    );
+    assert_eq!(
+        s[2].as_ref().unwrap().wait_for_messages(1, WAIT)[0].rcpt_to,
+        ["b@two.test"]
+    );
+}
+
+#[test]
+fn failed_handshakes_defer_then_fall_back_to_plaintext() {
+    // RFC 7435 §3: opportunistic TLS must not stop mail for good.
+    let (port, s) = sinks(vec![Some(SinkConfig {
+        break_handshake: true,
+        ..Default::default()
+    })]);
+    let dns = DnsServer::start(&[("dest.test", &one_mx("127.0.0.2"))]);
+    let server = mta(&dns, port, "tls_fallback_after = 2\nretry_max = \"1s\"\n");
+    let id = submit(
+        &server,
+        "news@sender.test",
+        &["a@dest.test"],
+        &message("news@sender.test", "a@dest.test", "tls fallback"),
+    );
+    let failed = first(&server, &id, "TransientFailure", "a@dest.test");
+    assert_eq!(failed.reply.enhanced_code.as_deref(), Some("4.7.5"));
+    assert_eq!(failed.scope.as_deref(), Some("host"));
+    let d = first(&server, &id, "Delivery", "a@dest.test");
+    assert_eq!(d.tls.as_deref(), Some("plaintext-after-failed-handshakes"));
+    assert_eq!(d.attempt, 3);
+    assert!(!s[0].as_ref().unwrap().wait_for_messages(1, WAIT)[0].tls);
+}
+
+#[test]
+fn required_tls_defers_a_destination_without_starttls() {
+    // [delivery.domains."<d>"] tls = "required": never in plaintext.
+    let (port, s) = sinks(vec![Some(SinkConfig::default()), Some(tls_sink())]);
+    let dns = DnsServer::start(&[
+        ("plain.test", &one_mx("127.0.0.2")),
+        ("secure.test", &one_mx("127.0.0.3")),
+    ]);
+    let server = mta(
+        &dns,
+        port,
+        "[delivery.domains.\"plain.test\"]\ntls = \"required\"\n[delivery.domains.\"secure.test\"]\ntls = \"required\"\n",
+    );
+    let id = submit(
+        &server,
+        "news@sender.test",
+        &["a@plain.test", "b@secure.test"],
+        &message("news@sender.test", "a@plain.test", "required"),
+    );
+    let refused = first(&server, &id, "TransientFailure", "a@plain.test");
+    assert_eq!(refused.reply.enhanced_code.as_deref(), Some("4.7.10"));
+    let ok = first(&server, &id, "Delivery", "b@secure.test");
+    assert_eq!(ok.tls.as_deref(), Some("tls"));
+    assert!(s[0].as_ref().unwrap().messages().is_empty());
+}
+
+#[test]
+fn messages_share_connections_up_to_the_limit() {
+    // Connection reuse with RSET between messages; messages_per_connection.
+    let (port, s) = sinks(vec![Some(SinkConfig::default())]);
+    let dns = DnsServer::start(&[("dest.test", &one_mx("127.0.0.2"))]);
+    let server = mta(
+        &dns,
+        port,
+        "messages_per_connection = 3\nmax_connections_per_destination = 1\n",
+    );
+    let ids: Vec<String> = (0..6)
+        .map(|i| {
+            submit(
+                &server,
+                "news@sender.test",
+                &[&format!("r{i}@dest.test")],
+                &message("news@sender.test", "r@dest.test", "reuse"),
+            )
+        })
+        .collect();
+    for (i, id) in ids.iter().enumerate() {
+        first(&server, id, "Delivery", &format!("r{i}@dest.test"));
+    }
+    let sink = s[0].as_ref().unwrap();
+    let got = sink.wait_for_messages(6, WAIT);
+    let conns: std::collections::BTreeSet<u64> = got.iter().map(|m| m.connection).collect();
+    assert!(
+        conns.len() >= 2 && conns.len() < 6,
+        "connections used: {conns:?}"
+    );
+    let mut per: std::collections::BTreeMap<u64, usize> = Default::default();
+    got.iter()
+        .for_each(|m| *per.entry(m.connection).or_default() += 1);
+    assert!(per.values().all(|&n| n <= 3), "{per:?}");
+}
+
+#[test]
+fn a_421_on_a_reused_connection_is_retried_on_a_fresh_one() {
+    // RFC 5321 §3.8: 421 closes the session; nothing was refused for good.
+    let (port, s) = sinks(vec![Some(SinkConfig {
+        close_after_messages: Some(1),
+        ..Default::default()
+    })]);
+    let dns = DnsServer::start(&[("dest.test", &one_mx("127.0.0.2"))]);
+    let server = mta(&dns, port, "max_connections_per_destination = 1\n");
+    let ids: Vec<String> = (0..3)
+        .map(|i| {
+            submit(
+                &server,
+                "news@sender.test",
+                &[&format!("r{i}@dest.test")],
+                &message("news@sender.test", "r@dest.test", "421"),
+            )
+        })
+        .collect();
+    for (i, id) in ids.iter().enumerate() {
+        let d = first(&server, id, "Delivery", &format!("r{i}@dest.test"));
+        assert_eq!(
+            d.attempt, 1,
+            "retried on a new connection within the attempt"
+        );
+    }
+    assert!(s[0].as_ref().unwrap().connections() >= 2);
+}
+
+#[test]
+fn remote_faults_end_in_retries_with_their_scope() {
+    // A greeting slower than the timeout, and a connection dropped in DATA.
+    let (port, _s) = sinks(vec![
+        Some(SinkConfig {
+            greeting_delay: Duration::from_secs(5),
+            ..Default::default()
+        }),
+        Some(SinkConfig {
+            drop_in_data: true,
+            ..Default::default()
+        }),
+    ]);
+    let dns = DnsServer::start(&[
+        ("slow.test", &one_mx("127.0.0.2")),
+        ("drop.test", &one_mx("127.0.0.3")),
+    ]);
+    let server = mta(
+        &dns,
+        port,
+        "command_timeout = \"1s\"\ndata_timeout = \"2s\"\n",
+    );
+    let id = submit(
+        &server,
+        "news@sender.test",
+        &["a@slow.test", "b@drop.test"],
+        &message("news@sender.test", "a@slow.test", "faults"),
+    );
+    let slow = first(&server, &id, "TransientFailure", "a@slow.test");
+    assert_eq!(slow.scope.as_deref(), Some("host"));
+    assert_eq!(slow.reply.enhanced_code.as_deref(), Some("4.4.2"));
+    let dropped = first(&server, &id, "TransientFailure", "b@drop.test");
+    assert_eq!(dropped.scope.as_deref(), Some("session"));
+    assert_eq!(dropped.mx_host.as_deref(), Some("mx.drop.test"));
+}
+
+#[test]
+fn undeliverable_mail_expires_with_a_dsn() {
+    // RFC 5321 §4.5.4.1: give up after the lifetime; RFC 3464 tells the sender.
+    let (port, s) = sinks(vec![
+        Some(SinkConfig::default()),
+        Some(SinkConfig::default()),
+    ]);
+    let dns = DnsServer::start(&[
+        ("dest.test", &one_mx("127.0.0.2")),
+        ("sender.test", &one_mx("127.0.0.3")),
+    ]);
+    let server = mta(&dns, port, "max_lifetime = \"2s\"\nretry_max = \"1s\"\n");
+    let id = submit(
+        &server,
+        "news@sender.test",
+        &["defer-forever@dest.test"],
+        &message("news@sender.test", "defer-forever@dest.test", "expiry"),
+    );
+    let exp = first(&server, &id, "Expiration", "defer-forever@dest.test");
+    assert!(exp.attempt >= 2, "{exp:?}");
+    assert!(exp.delay_seconds >= 2.0, "{exp:?}");
+    let dsn_id = exp.dsn_queue_id.expect("a DSN");
+    first(&server, &dsn_id, "Delivery", "news@sender.test");
+    let got = s[1].as_ref().unwrap().wait_for_messages(1, WAIT);
+    let text = String::from_utf8_lossy(&got[0].data).into_owned();
+    assert!(text.contains("Action: failed"), "{text}");
+    assert!(
+        text.contains("Final-Recipient: rfc822; defer-forever@dest.test"),
+        "{text}"
+    );
+    // Every recipient ended with exactly one final record.
+    let finals = attempts(&server, &id, 2)
+        .into_iter()
+        .filter(|(k, _)| k != "TransientFailure")
+        .count();
+    assert_eq!(finals, 1);
+    spec_tests::server::eventually("the expired message to leave the queue", || {
+        server
+            .queue()
+            .get(id.parse().unwrap())
+            .is_err()
+            .then_some(())
+    });
+}
+
+#[test]
+fn the_relay_host_takes_everything_from_our_egress_address() {
+    // [delivery] relay_host and [[egress]]: source address and EHLO name.
+    let sink = Sink::start("127.0.0.2:0".parse().unwrap(), SinkConfig::default());
+    let dns = DnsServer::start(&[]);
+    let server = TestServer::start(&format!(
+        "[dns]\nnameservers = [\"{}\"]\n[[egress]]\naddress = \"127.0.0.9\"\nehlo = \"out9.test\"\n[delivery]\nrelay_host = \"{}\"\n",
+        dns.addr, sink.addr
+    ));
+    let id = submit(
+        &server,
+        "news@sender.test",
+        &["a@one.example", "b@two.example"],
+        &message("news@sender.test", "a@one.example", "relay"),
+    );
+    let d = first(&server, &id, "Delivery", "b@two.example");
+    assert_eq!(d.egress_ip.as_deref(), Some("127.0.0.9"));
+    let got = sink.wait_for_messages(1, WAIT);
+    assert_eq!(
+        got[0].rcpt_to,
+        ["a@one.example", "b@two.example"],
+        "one transaction"
+    );
+    assert_eq!(got[0].helo, "out9.test");
+    assert_eq!(got[0].peer.ip().to_string(), "127.0.0.9");
+    assert!(matches!(server.records().last(), Some(Record::Delivery(_))));
+}
