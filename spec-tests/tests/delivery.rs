@@ -489,3 +489,267 @@ fn the_relay_host_takes_everything_from_our_egress_address() {
     assert_eq!(got[0].peer.ip().to_string(), "127.0.0.9");
     assert!(matches!(server.records().last(), Some(Record::Delivery(_))));
 }
+
+/// An independent receiving MX: Python's aiosmtpd, with STARTTLS, writing
+/// each message it accepts to a JSON file (installed by the test command).
+const AIOSMTPD: &str = r#"
+import asyncio, json, os, ssl, sys
+from aiosmtpd.controller import Controller
+out, port, cert, key = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+class Handler:
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        if address.startswith("reject"):
+            return "550 5.1.1 no such user"
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+    async def handle_DATA(self, server, session, envelope):
+        n = len([f for f in os.listdir(out) if f.endswith(".json")])
+        rec = {"mail_from": envelope.mail_from, "rcpt_tos": envelope.rcpt_tos,
+               "tls": session.ssl is not None,
+               "data": envelope.original_content.decode("utf-8", "replace")}
+        tmp = os.path.join(out, ".%d.tmp" % n)
+        with open(tmp, "w") as f:
+            json.dump(rec, f)
+        os.rename(tmp, os.path.join(out, "%d.json" % n))
+        return "250 2.0.0 OK: queued"
+ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+ctx.load_cert_chain(cert, key)
+c = Controller(Handler(), hostname="127.0.0.1", port=port, tls_context=ctx, ready_timeout=10)
+c.start()
+print("ready", flush=True)
+sys.stdin.read()
+c.stop()
+"#;
+
+/// aiosmtpd running until dropped.
+struct Aiosmtpd {
+    child: std::process::Child,
+    out: tempfile::TempDir,
+    port: u16,
+}
+
+impl Aiosmtpd {
+    fn start() -> Aiosmtpd {
+        use std::io::BufRead;
+        let out = tempfile::tempdir().unwrap();
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let (c, k) = (out.path().join("cert.pem"), out.path().join("key.pem"));
+        std::fs::write(&c, cert.cert.pem()).unwrap();
+        std::fs::write(&k, cert.signing_key.serialize_pem()).unwrap();
+        let port = spec_tests::server::free_port();
+        let mut child = std::process::Command::new("python3")
+            .arg("-c")
+            .arg(AIOSMTPD)
+            .arg(out.path())
+            .arg(port.to_string())
+            .arg(&c)
+            .arg(&k)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 runs (spec-tests/run-tests.sh installs aiosmtpd)");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(
+            line.trim(),
+            "ready",
+            "aiosmtpd did not start (pip install aiosmtpd)"
+        );
+        Aiosmtpd { child, out, port }
+    }
+
+    fn messages(&self, n: usize) -> Vec<serde_json::Value> {
+        spec_tests::server::eventually(&format!("{n} messages at aiosmtpd"), || {
+            let mut files: Vec<_> = std::fs::read_dir(self.out.path())
+                .unwrap()
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "json"))
+                .collect();
+            files.sort();
+            (files.len() >= n).then(|| {
+                files
+                    .iter()
+                    .map(|f| serde_json::from_slice(&std::fs::read(f).unwrap()).unwrap())
+                    .collect()
+            })
+        })
+    }
+}
+
+impl Drop for Aiosmtpd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn an_independent_mx_receives_over_starttls() {
+    // aiosmtpd (no one here wrote it) as the receiving MX: STARTTLS, one
+    // refused recipient, the content as we stored it.
+    let mx = Aiosmtpd::start();
+    let dns = DnsServer::start(&[]);
+    let server = TestServer::start(&format!(
+        "[dns]\nnameservers = [\"{}\"]\n[delivery]\nrelay_host = \"127.0.0.1:{}\"\nbounces = false\n",
+        dns.addr, mx.port
+    ));
+    let body = message("news@sender.test", "a@dest.test", "to aiosmtpd");
+    let id = submit(
+        &server,
+        "news@sender.test",
+        &["a@dest.test", "reject-b@dest.test"],
+        &body,
+    );
+    let d = first(&server, &id, "Delivery", "a@dest.test");
+    assert_eq!(d.tls.as_deref(), Some("tls"));
+    assert!(d.tls_version.is_some());
+    let b = first(&server, &id, "Bounce", "reject-b@dest.test");
+    assert_eq!(b.reply.enhanced_code.as_deref(), Some("5.1.1"));
+    let got = mx.messages(1);
+    assert_eq!(got[0]["tls"], true);
+    assert_eq!(got[0]["mail_from"], "news@sender.test");
+    assert_eq!(got[0]["rcpt_tos"], serde_json::json!(["a@dest.test"]));
+    let stored_tail = "Subject: to aiosmtpd\r\n\r\nHello from the tests.\r\n";
+    assert!(
+        got[0]["data"].as_str().unwrap().ends_with(stored_tail),
+        "{}",
+        got[0]["data"]
+    );
+}
+
+#[test]
+fn chunking_and_servers_without_pipelining_get_one_outcome_per_recipient() {
+    // RFC 3030 (BDAT) when offered; RFC 5321 command by command without
+    // RFC 2920 pipelining.
+    let (port, s) = sinks(vec![
+        Some(SinkConfig {
+            chunking: true,
+            ..Default::default()
+        }),
+        Some(SinkConfig {
+            pipelining: false,
+            ..Default::default()
+        }),
+    ]);
+    let dns = DnsServer::start(&[
+        ("chunks.test", &one_mx("127.0.0.2")),
+        ("serial.test", &one_mx("127.0.0.3")),
+    ]);
+    let server = mta(&dns, port, "bounces = false\n");
+    let body = format!(
+        "{}.leading dot\r\n..two dots\r\n",
+        message("news@sender.test", "a@chunks.test", "chunks")
+    );
+    let id = submit(
+        &server,
+        "news@sender.test",
+        &[
+            "a@chunks.test",
+            "reject-b@chunks.test",
+            "c@serial.test",
+            "reject-d@serial.test",
+        ],
+        &body,
+    );
+    first(&server, &id, "Delivery", "a@chunks.test");
+    first(&server, &id, "Bounce", "reject-b@chunks.test");
+    first(&server, &id, "Delivery", "c@serial.test");
+    first(&server, &id, "Bounce", "reject-d@serial.test");
+    let chunked = &s[0].as_ref().unwrap().wait_for_messages(1, WAIT)[0];
+    let serial = &s[1].as_ref().unwrap().wait_for_messages(1, WAIT)[0];
+    // Both carry the stored content unchanged (BDAT needs no dot-stuffing).
+    assert_eq!(chunked.data, serial.data);
+    assert!(String::from_utf8_lossy(&serial.data).ends_with("\r\n.leading dot\r\n..two dots\r\n"));
+    assert_eq!(chunked.rcpt_to, ["a@chunks.test"]);
+    assert_eq!(serial.rcpt_to, ["c@serial.test"]);
+}
+
+#[test]
+fn a_slow_destination_does_not_hold_up_the_others() {
+    // Per-destination workers: a server that takes seconds per reply only
+    // occupies its own connections.
+    let (port, _s) = sinks(vec![
+        Some(SinkConfig {
+            reply_delay: Duration::from_millis(1500),
+            ..Default::default()
+        }),
+        Some(SinkConfig::default()),
+    ]);
+    let dns = DnsServer::start(&[
+        ("slow.test", &one_mx("127.0.0.2")),
+        ("fast.test", &one_mx("127.0.0.3")),
+    ]);
+    let server = mta(&dns, port, "");
+    let slow = submit(
+        &server,
+        "news@sender.test",
+        &["a@slow.test"],
+        &message("news@sender.test", "a@slow.test", "slow"),
+    );
+    let fast: Vec<String> = (0..5)
+        .map(|i| {
+            submit(
+                &server,
+                "news@sender.test",
+                &[&format!("f{i}@fast.test")],
+                &message("news@sender.test", "f@fast.test", "fast"),
+            )
+        })
+        .collect();
+    for (i, id) in fast.iter().enumerate() {
+        first(&server, id, "Delivery", &format!("f{i}@fast.test"));
+    }
+    let records = server.records();
+    assert!(
+        !records
+            .iter()
+            .any(|r| r.kind() == "Delivery" && r.queue_id() == Some(slow.as_str())),
+        "the slow destination finished first?"
+    );
+    first(&server, &slow, "Delivery", "a@slow.test");
+    // And the metrics count what happened.
+    let text = server.scrape();
+    let delivered =
+        spec_tests::server::metric(&text, "mta_delivery_attempts_total{outcome=\"delivered\"}");
+    assert_eq!(delivered, Some(6.0), "{text}");
+    let plain = spec_tests::server::metric(
+        &text,
+        "mta_outbound_sessions_total{tls=\"plaintext-not-offered\"}",
+    );
+    assert!(plain.is_some_and(|n| n >= 2.0), "{text}");
+}
+
+#[test]
+fn several_egress_addresses_take_turns() {
+    // [[egress]]: round robin over the sources, each with its EHLO name.
+    let sink = Sink::start("127.0.0.2:0".parse().unwrap(), SinkConfig::default());
+    let dns = DnsServer::start(&[]);
+    let server = TestServer::start(&format!(
+        "[dns]\nnameservers = [\"{}\"]\n[[egress]]\naddress = \"127.0.0.9\"\nehlo = \"out9.test\"\n[[egress]]\naddress = \"127.0.0.10\"\nehlo = \"out10.test\"\n[delivery]\nrelay_host = \"{}\"\nmessages_per_connection = 1\nmax_connections_per_destination = 1\n",
+        dns.addr, sink.addr
+    ));
+    for i in 0..4 {
+        submit(
+            &server,
+            "news@sender.test",
+            &[&format!("r{i}@one.example")],
+            &message("news@sender.test", "r@one.example", "egress"),
+        );
+    }
+    let got = sink.wait_for_messages(4, WAIT);
+    let mut seen: Vec<(String, String)> = got
+        .iter()
+        .map(|m| (m.peer.ip().to_string(), m.helo.clone()))
+        .collect();
+    seen.sort();
+    seen.dedup();
+    assert_eq!(
+        seen,
+        [
+            ("127.0.0.10".to_string(), "out10.test".to_string()),
+            ("127.0.0.9".to_string(), "out9.test".to_string())
+        ]
+    );
+}

@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use dkim_keys::{Algorithm, PrivateKey, record};
 use mail_auth::common::cache::NoCache;
@@ -228,7 +229,8 @@ def dns(name, timeout=5):
     value = records.get(name.rstrip("."))
     return value.encode() if value else None
 d = dkim.DKIM(message)
-count = sum(1 for line in message.split(b"\r\n") if line.lower().startswith(b"dkim-signature:"))
+head = message.split(b"\r\n\r\n", 1)[0]
+count = sum(1 for line in head.split(b"\r\n") if line.lower().startswith(b"dkim-signature:"))
 out = []
 for i in range(count):
     try:
@@ -871,4 +873,69 @@ fn sighup_reloads_keys_and_keeps_the_old_ones_when_the_new_ones_fail() {
     });
     assert!(d.stderr().contains("does not exist"));
     assert_eq!(selector_of(&d), "second");
+}
+
+#[test]
+fn what_reaches_the_mx_verifies_and_so_do_bounces() {
+    // Signed once at reception: the delivered copy (over STARTTLS) still
+    // verifies, and a DSN is DKIM-signed like other mail (by the key of
+    // our host name's domain).
+    use spec_tests::sink::{Sink, SinkConfig};
+    let keys = keys(&[
+        ("acme.example", "rsa2026", Algorithm::RsaSha256),
+        ("acme.example", "ed2026", Algorithm::Ed25519Sha256),
+        ("mx.test", "dsn2026", Algorithm::Ed25519Sha256),
+    ]);
+    let sink = Sink::start(
+        "127.0.0.2:0".parse().unwrap(),
+        SinkConfig {
+            starttls: true,
+            ..Default::default()
+        },
+    );
+    let dns = DnsServer::start(&[
+        ("acme.example", &keys.zone("acme.example")),
+        ("mx.test", &keys.zone("mx.test")),
+    ]);
+    let server = TestServer::start(&format!(
+        "[dns]\nnameservers = [\"{}\"]\n[delivery]\nrelay_host = \"{}\"\n[smtp]\nrelay_networks = []\n[dkim]\nunsigned = \"reject\"\n{}{}",
+        dns.addr,
+        sink.addr,
+        keys.toml(),
+        tenants_toml()
+    ));
+    let mut c = Client::connect(server.addr);
+    c.ehlo();
+    c.starttls();
+    c.ehlo();
+    assert_eq!(c.auth_plain("acme-app", "s3cret").code, 235);
+    let sample = &samples()[1];
+    let replies = c.send_message(
+        "news@acme.example",
+        &["reader@dest.example", "reject-me@dest.example"],
+        &sample.content,
+    );
+    queued_id(replies.last().unwrap());
+    let got = sink.wait_for_messages(2, Duration::from_secs(15));
+    let original = got.iter().find(|m| !m.mail_from.is_empty()).unwrap();
+    let dsn = got.iter().find(|m| m.mail_from.is_empty()).unwrap();
+    assert!(original.tls && dsn.tls);
+    assert_eq!(dsn.rcpt_to, ["news@acme.example"]);
+    let work = tempfile::tempdir().unwrap();
+    for (what, m, domain, count) in [
+        ("the delivered message", original, "acme.example", 2),
+        ("the DSN", dsn, "mx.test", 1),
+    ] {
+        let tags = dkim_header_tags(&m.data);
+        assert_eq!(tags.len(), count, "{what}");
+        assert!(tags.iter().all(|t| t["d"] == domain), "{what}");
+        let by_mail_auth = verify_mail_auth(&dns, &m.data);
+        assert_eq!(by_mail_auth.len(), count, "{what}");
+        assert!(
+            by_mail_auth.iter().all(|(_, ok)| *ok),
+            "{what}: {by_mail_auth:?}"
+        );
+        let by_dkimpy = verify_dkimpy(&keys.records, &m.data, work.path());
+        assert_eq!(by_dkimpy, vec![true; count], "{what}");
+    }
 }
