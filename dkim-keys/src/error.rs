@@ -30,8 +30,17 @@ pub enum KeyError {
         found: &'static str,
     },
 
+    /// An RSA key under 1024 bits (RFC 8301 §3.2).
     #[error(
-        "DKIM key file {} holds a {bits}-bit RSA key: the signer needs at least 2048 bits (RFC 8301); generate a new one with `mta dkim generate`",
+        "DKIM key file {} holds a {bits}-bit RSA key, which is refused: RFC 8301 §3.2 forbids RSA keys under 1024 bits; generate a new 2048-bit one with `mta dkim generate`",
+        path.display()
+    )]
+    Forbidden { path: PathBuf, bits: usize },
+
+    /// An RSA key of 1024 to 2047 bits: allowed by RFC 8301, but aws-lc-rs
+    /// cannot sign with it.
+    #[error(
+        "DKIM key file {} holds a {bits}-bit RSA key, which cannot be used: aws-lc-rs, which signs the mail, takes RSA keys of 2048 bits or more, as receivers such as Gmail expect (RFC 8301 recommends at least 2048); generate a new one with `mta dkim generate`",
         path.display()
     )]
     TooSmall { path: PathBuf, bits: usize },

@@ -45,13 +45,28 @@ impl std::fmt::Debug for PrivateKey {
     }
 }
 
+/// RFC 8301 §3.2: signers MUST use RSA keys of at least 1024 bits.
+const MIN_RSA_BITS: usize = 1024;
+
+/// The smallest RSA key aws-lc-rs parses for signing (and RFC 8301's
+/// SHOULD); 1024..2047-bit keys are allowed by the RFC but cannot be used.
+const SIGNABLE_RSA_BITS: usize = 2048;
+
 /// The conventional file name of a key: `<domain>.<selector>.pem`.
 pub fn key_file_name(domain: &str, selector: &str) -> String {
     format!("{domain}.{selector}.pem")
 }
 
 impl PrivateKey {
-    /// A new key. RSA sizes other than 2048, 3072 and 4096 are refused.
+    /// A new key. RSA keys are generated at 2048 (the usual size), 3072 or
+    /// 4096 bits; any other size is refused with the reason:
+    ///
+    /// - under 1024 bits: RFC 8301 §3.2 forbids them;
+    /// - 1024 to 2047 bits: aws-lc-rs, which signs the mail, neither
+    ///   generates nor signs with RSA keys under 2048 bits (its `KeySize`
+    ///   offers 2048, 3072, 4096 and 8192), so such a key could not be used;
+    /// - anything else: not offered (8192-bit records are long and slow to
+    ///   verify, and odd sizes gain nothing).
     pub fn generate(algorithm: Algorithm, bits: usize) -> Result<PrivateKey, KeyError> {
         let der = match algorithm {
             Algorithm::RsaSha256 => {
@@ -59,14 +74,19 @@ impl PrivateKey {
                     2048 => KeySize::Rsa2048,
                     3072 => KeySize::Rsa3072,
                     4096 => KeySize::Rsa4096,
-                    b if b < 1024 => {
+                    b if b < MIN_RSA_BITS => {
                         return Err(KeyError::Generate(format!(
-                            "{b}-bit RSA keys are refused: use 2048, 3072 or 4096 bits"
+                            "{b}-bit RSA keys are refused: RFC 8301 §3.2 forbids RSA keys under 1024 bits; use 2048 (the default), 3072 or 4096 bits"
+                        )));
+                    }
+                    b if b < SIGNABLE_RSA_BITS => {
+                        return Err(KeyError::Generate(format!(
+                            "{b}-bit RSA keys cannot be generated: aws-lc-rs, which signs the mail, generates RSA keys of 2048, 3072, 4096 or 8192 bits only and cannot sign with keys under 2048 bits; use 2048 (the default), 3072 or 4096 bits (receivers such as Gmail expect 2048 bits, and RFC 8301 recommends at least 2048)"
                         )));
                     }
                     b => {
                         return Err(KeyError::Generate(format!(
-                            "{b}-bit RSA keys are not offered: use 2048 (the default), 3072 or 4096 bits; under 2048 is too weak for receivers (RFC 8301)"
+                            "{b}-bit RSA keys are not offered: use 2048 (the default), 3072 or 4096 bits"
                         )));
                     }
                 };
@@ -119,10 +139,15 @@ impl PrivateKey {
             }
             Err(rsa_err) => {
                 if rsa_err.to_string().contains("TooSmall") {
-                    let bits = rsa_bits_of(&der).unwrap_or(0);
-                    return Err(KeyError::TooSmall {
-                        path: path.to_path_buf(),
-                        bits,
+                    let path = path.to_path_buf();
+                    return Err(match rsa_bits_of(&der) {
+                        Some(bits) if bits < MIN_RSA_BITS => KeyError::Forbidden { path, bits },
+                        Some(bits) => KeyError::TooSmall { path, bits },
+                        None => KeyError::Parse {
+                            path,
+                            reason: "an RSA key under 2048 bits, which aws-lc-rs cannot sign with"
+                                .into(),
+                        },
                     });
                 }
                 let PrivateKeyDer::Pkcs8(d) = &der else {
@@ -190,8 +215,10 @@ impl PrivateKey {
     }
 
     /// Loads a key file: it must exist, be readable, not be accessible to
-    /// others (nor writable by the group), and hold a PKCS#8 or PKCS#1 key
-    /// of at least 2048 bits (RSA) or an Ed25519 key.
+    /// others (nor writable by the group), and hold a PKCS#8 or PKCS#1 RSA
+    /// key or an Ed25519 key. RSA keys under 1024 bits are refused as RFC
+    /// 8301 §3.2 forbids them ([`KeyError::Forbidden`]); 1024 to 2047 bits
+    /// are refused as aws-lc-rs cannot sign with them ([`KeyError::TooSmall`]).
     pub fn load(path: &Path) -> Result<PrivateKey, KeyError> {
         let meta = std::fs::metadata(path).map_err(|source| match source.kind() {
             std::io::ErrorKind::NotFound => KeyError::Missing {
@@ -285,8 +312,9 @@ fn rsa_bits_of(der: &PrivateKeyDer<'_>) -> Option<usize> {
     let (_, seq, _) = tlv(&pkcs1)?;
     let (_, _, rest) = tlv(seq)?; // version
     let (_, modulus, _) = tlv(rest)?;
-    let significant = modulus.iter().skip_while(|&&b| b == 0).count();
-    Some(significant * 8)
+    let significant: Vec<u8> = modulus.iter().copied().skip_while(|&b| b == 0).collect();
+    let first = *significant.first()?;
+    Some(significant.len() * 8 - first.leading_zeros() as usize)
 }
 
 /// Where a key of a domain and selector lives in a keys directory.
@@ -336,11 +364,37 @@ mod tests {
     }
 
     #[test]
-    fn odd_sizes_are_refused() {
-        let e = PrivateKey::generate(Algorithm::RsaSha256, 512).unwrap_err();
-        assert!(e.to_string().contains("refused"), "{e}");
-        let e = PrivateKey::generate(Algorithm::RsaSha256, 1024).unwrap_err();
-        assert!(e.to_string().contains("2048"), "{e}");
+    fn generation_refuses_rsa_under_1024_bits_and_sizes_it_cannot_sign_with() {
+        for b in [0, 512, 1023] {
+            let e = PrivateKey::generate(Algorithm::RsaSha256, b).unwrap_err();
+            let m = e.to_string();
+            assert!(
+                m.contains("refused")
+                    && m.contains("RFC 8301 §3.2 forbids RSA keys under 1024 bits"),
+                "{m}"
+            );
+        }
+        // RFC 8301 allows 1024..2047, but aws-lc-rs can neither make nor use them.
+        for b in [1024, 1536, 2047] {
+            let m = PrivateKey::generate(Algorithm::RsaSha256, b)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                m.contains("cannot be generated")
+                    && m.contains("aws-lc-rs")
+                    && m.contains("use 2048 (the default), 3072 or 4096")
+                    && m.contains("Gmail"),
+                "{m}"
+            );
+        }
+        for b in [2049, 2500, 8192] {
+            let m = PrivateKey::generate(Algorithm::RsaSha256, b)
+                .unwrap_err()
+                .to_string();
+            assert!(m.contains("not offered") && m.contains("2048"), "{m}");
+        }
+        let k = PrivateKey::generate(Algorithm::RsaSha256, 3072).unwrap();
+        assert_eq!((k.algorithm, k.bits), (Algorithm::RsaSha256, 3072));
     }
 
     fn write(dir: &Path, name: &str, body: &[u8], mode: u32) -> PathBuf {
@@ -377,34 +431,88 @@ mod tests {
         assert!(matches!(e, KeyError::Unreadable { .. }), "{e}");
     }
 
-    #[test]
-    fn openssl_style_keys_load_and_small_ones_are_refused_with_their_size() {
-        let dir = tempfile::tempdir().unwrap();
-        // PKCS#1 keys, as opendkim-genkey writes them.
+    /// A key made by `openssl genrsa` (PKCS#8 by default, PKCS#1 with
+    /// `-traditional`, as opendkim-genkey writes them).
+    fn openssl_genrsa(dir: &Path, name: &str, bits: usize, pkcs1: bool) -> PathBuf {
+        let mut args = vec!["genrsa"];
+        if pkcs1 {
+            args.push("-traditional");
+        }
+        let bits = bits.to_string();
+        args.push(&bits);
         let out = std::process::Command::new("openssl")
-            .args(["genrsa", "-traditional", "1024"])
-            .output();
-        if let Ok(out) = out
-            && out.status.success()
-        {
-            let small = write(dir.path(), "small.pem", &out.stdout, 0o600);
-            let e = PrivateKey::load(&small).unwrap_err();
-            assert!(matches!(e, KeyError::TooSmall { bits: 1024, .. }), "{e}");
-            let out = std::process::Command::new("openssl")
-                .args(["genrsa", "-traditional", "2048"])
-                .output()
-                .unwrap();
-            let pkcs1 = write(dir.path(), "pkcs1.pem", &out.stdout, 0o600);
+            .args(&args)
+            .output()
+            .expect("openssl is needed for this test (Debian: apt-get install openssl)");
+        assert!(
+            out.status.success(),
+            "openssl genrsa {bits}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        write(dir, name, &out.stdout, 0o600)
+    }
+
+    #[test]
+    fn openssl_style_2048_bit_keys_load_as_pkcs1_and_pkcs8() {
+        let dir = tempfile::tempdir().unwrap();
+        let pkcs1 = openssl_genrsa(dir.path(), "pkcs1.pem", 2048, true);
+        assert!(
+            std::fs::read_to_string(&pkcs1)
+                .unwrap()
+                .contains("BEGIN RSA PRIVATE KEY")
+        );
+        let k = PrivateKey::load(&pkcs1).unwrap();
+        assert_eq!((k.algorithm, k.bits), (Algorithm::RsaSha256, 2048));
+        assert_eq!(k.sign(b"data").unwrap().len(), 256);
+        let pkcs8 = openssl_genrsa(dir.path(), "pkcs8.pem", 2048, false);
+        let k = PrivateKey::load(&pkcs8).unwrap();
+        assert_eq!((k.algorithm, k.bits), (Algorithm::RsaSha256, 2048));
+    }
+
+    #[test]
+    fn rsa_keys_under_1024_bits_are_refused_on_load_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, pkcs1) in [("tiny-pkcs1.pem", true), ("tiny-pkcs8.pem", false)] {
+            let path = openssl_genrsa(dir.path(), name, 512, pkcs1);
+            let e = PrivateKey::load(&path).unwrap_err();
+            assert!(matches!(e, KeyError::Forbidden { bits: 512, .. }), "{e}");
+            let m = e.to_string();
             assert!(
-                std::fs::read_to_string(&pkcs1)
-                    .unwrap()
-                    .contains("BEGIN RSA PRIVATE KEY")
+                m.contains(name) && m.contains("RFC 8301 §3.2 forbids RSA keys under 1024 bits"),
+                "{m}"
             );
-            let k = PrivateKey::load(&pkcs1).unwrap();
-            assert_eq!((k.algorithm, k.bits), (Algorithm::RsaSha256, 2048));
-            assert_eq!(k.sign(b"data").unwrap().len(), 256);
-        } else {
-            panic!("openssl is needed for this test (Debian: apt-get install openssl)");
+        }
+        // The size is exact, not rounded to bytes.
+        let path = openssl_genrsa(dir.path(), "odd.pem", 1020, true);
+        let e = PrivateKey::load(&path).unwrap_err();
+        assert!(matches!(e, KeyError::Forbidden { bits: 1020, .. }), "{e}");
+    }
+
+    #[test]
+    fn rsa_keys_of_1024_to_2047_bits_are_refused_on_load_with_the_reason() {
+        // RFC 8301 allows them (with a SHOULD for 2048), but aws-lc-rs
+        // rejects them for signing, so they cannot load with a warning.
+        let dir = tempfile::tempdir().unwrap();
+        for (name, bits, pkcs1) in [
+            ("old-opendkim.pem", 1024, true),
+            ("old-pkcs8.pem", 1024, false),
+            ("mid.pem", 1536, true),
+        ] {
+            let path = openssl_genrsa(dir.path(), name, bits, pkcs1);
+            let e = PrivateKey::load(&path).unwrap_err();
+            assert!(
+                matches!(e, KeyError::TooSmall { bits: b, .. } if b == bits),
+                "{e}"
+            );
+            let m = e.to_string();
+            assert!(
+                m.contains(name)
+                    && m.contains(&format!("{bits}-bit"))
+                    && m.contains("aws-lc-rs")
+                    && m.contains("Gmail")
+                    && m.contains("mta dkim generate"),
+                "{m}"
+            );
         }
     }
 }

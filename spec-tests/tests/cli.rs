@@ -232,3 +232,46 @@ fn offline_queue_commands_show_and_summarize() {
     assert_eq!(code, 1);
     assert!(err.contains("no queue at"), "{err}");
 }
+
+#[test]
+fn dkim_generate_refuses_rsa_sizes_it_cannot_make_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let kd = dir.path().to_str().unwrap();
+    let generate = |selector: &str, bits: &str| {
+        run_cli(
+            &[
+                "dkim",
+                "generate",
+                "--domain",
+                "acme.example",
+                "--selector",
+                selector,
+                "--bits",
+                bits,
+                "--dir",
+                kd,
+            ],
+            None,
+        )
+    };
+    let (code, out, err) = generate("tiny", "512");
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        err.contains("512-bit") && err.contains("RFC 8301 §3.2 forbids RSA keys under 1024 bits"),
+        "{err}"
+    );
+    // RFC 8301 allows 1024 bits, but aws-lc-rs, which signs, neither
+    // generates nor signs with RSA keys under 2048 bits: refused, saying so.
+    let (code, out, err) = generate("old", "1024");
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        err.contains("1024-bit RSA keys cannot be generated")
+            && err.contains("aws-lc-rs")
+            && err.contains("use 2048 (the default), 3072 or 4096"),
+        "{err}"
+    );
+    assert!(
+        std::fs::read_dir(dir.path()).unwrap().next().is_none(),
+        "a refused key left a file"
+    );
+}
