@@ -3,8 +3,9 @@
 //! This crate is the daemon and its command-line tool. A marketing platform
 //! submits mail over SMTP; reception checks it, DKIM-signs it and stores it
 //! durably in the `queue` crate before answering 250, and writes one
-//! transaction log record per event. (SPF/DMARC alignment, delivery and the
-//! admin API arrive in later issues; see ARCHITECTURE.md.)
+//! transaction log record per event; delivery takes it from the queue to
+//! the recipients' MX hosts. (SPF/DMARC alignment and the admin API arrive
+//! in later issues; see ARCHITECTURE.md.)
 //!
 //! Layout, in the order data flows:
 //! - [`smtp`]: the SMTP protocol, pure (parsing, replies, content framing,
@@ -17,14 +18,17 @@
 //! - [`reception`]: header checks and the headers we add.
 //! - [`sign`]: DKIM signing (RFC 6376, RFC 8463) with the keys of the
 //!   `dkim-keys` ring.
+//! - [`delivery`]: MX routing, outbound SMTP with STARTTLS, retries,
+//!   bounces and DSNs. RFC 5321 §4.5.4 and §5, 3207, 7435, 7505, 3464.
 //! - [`log`]: the transaction log schema, writer and reader.
 //! - [`metrics`]: Prometheus metrics and `/metrics`.
 //! - [`dns`]: the resolver.
-//! - [`config`], [`tls`], [`clock`], [`daemon`], [`cli`], [`dkim_cli`].
+//! - [`config`], [`tls`], [`stream`], [`clock`], [`daemon`], [`cli`], [`dkim_cli`].
 //!
 //! Trust boundary: everything a client sends is untrusted and passes
-//! through `smtp` and `policy` before anything is stored; the config file
-//! and the data directory are trusted.
+//! through `smtp` and `policy` before anything is stored; what MX hosts and
+//! DNS answer is untrusted and only ever logged or bounced as text; the
+//! config file and the data directory are trusted.
 
 pub mod auth;
 pub mod cli;
