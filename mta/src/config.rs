@@ -354,10 +354,6 @@ pub struct DeliveryConfig {
     /// Send RFC 3464 DSNs for bounces and expiries. Default true. Turn off
     /// for platforms that process bounces from the transaction log.
     pub bounces: bool,
-    /// Send one "delayed" DSN when a message is still undelivered this long
-    /// after reception. Default: none (no delay warnings).
-    #[serde(deserialize_with = "optional_duration")]
-    pub delay_warning: Option<Duration>,
     /// TCP connect to one address. Default "30s".
     #[serde(deserialize_with = "duration")]
     pub connect_timeout: Duration,
@@ -406,7 +402,6 @@ impl Default for DeliveryConfig {
             retry_max: Duration::from_secs(4 * 3600),
             max_lifetime: Duration::from_secs(5 * 86400),
             bounces: true,
-            delay_warning: None,
             connect_timeout: Duration::from_secs(30),
             command_timeout: Duration::from_secs(300),
             data_timeout: Duration::from_secs(600),
@@ -856,6 +851,31 @@ mod tests {
         let c = parse("[dkim]\nexpiration = \"7d\"\n").unwrap();
         assert_eq!(c.dkim.expiration, Some(Duration::from_secs(7 * 86400)));
         assert_eq!(c.dkim_keys_dir(), PathBuf::from("mta-data/dkim"));
+    }
+
+    #[test]
+    fn delivery_keys_are_checked_and_domains_override_tls() {
+        let c = parse(
+            "[delivery]\ntls = \"opportunistic\"\nconnect_timeout = \"10s\"\n[delivery.domains.\"bank.example\"]\ntls = \"required\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.delivery.tls_for("bank.example"), OutboundTls::Required);
+        assert_eq!(
+            c.delivery.tls_for("other.example"),
+            OutboundTls::Opportunistic
+        );
+        assert_eq!(c.delivery.connect_timeout, Duration::from_secs(10));
+        assert!(c.delivery.enabled);
+        let e = parse("[delivery]\nretry_initial = \"1h\"\nretry_max = \"5m\"\n").unwrap_err();
+        assert!(e.message.contains("retry_max"), "{e}");
+        let e = parse("[delivery.domains.\"Bank.Example\"]\ntls = \"required\"\n").unwrap_err();
+        assert!(e.message.contains("lower case"), "{e}");
+        let e = parse("[delivery.domains.\"bank.example\"]\ntls = \"always\"\n").unwrap_err();
+        assert_eq!(e.at.map(|a| a.0), Some(2), "{e}");
+        let e = parse("[delivery]\nmax_in_flight = 0\n").unwrap_err();
+        assert!(e.message.contains("max_in_flight"), "{e}");
+        let e = parse("[delivery]\nrelay_host = \"nohost\"\n").unwrap_err();
+        assert!(e.message.contains("host:port"), "{e}");
     }
 
     #[test]
