@@ -278,6 +278,18 @@ impl Client {
         *self.conn.get_mut() = Conn::Tls(Box::new(stream));
     }
 
+    /// The DER of the certificate the server presented, once in TLS.
+    pub fn peer_certificate(&self) -> Option<Vec<u8>> {
+        match self.conn.get_ref() {
+            Conn::Tls(s) => s
+                .conn
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(|c| c.to_vec()),
+            _ => None,
+        }
+    }
+
     /// The negotiated TLS version, as the log names it.
     pub fn tls_version(&self) -> Option<String> {
         match self.conn.get_ref() {

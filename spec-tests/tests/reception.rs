@@ -361,3 +361,38 @@ fn shutdown_tells_idle_sessions_421_and_keeps_what_was_accepted() {
     assert_eq!(report.messages, 1);
     assert!(q.get(id.parse().unwrap()).is_ok());
 }
+
+#[test]
+fn a_configured_certificate_is_the_one_presented() {
+    // [smtp] tls_certificate / tls_private_key instead of the generated one,
+    // for STARTTLS and implicit TLS alike (RFC 3207, RFC 8314).
+    let dir = tempfile::tempdir().unwrap();
+    let made = rcgen::generate_simple_self_signed(vec!["mail.acme.example".into()]).unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert, made.cert.pem()).unwrap();
+    std::fs::write(&key, made.signing_key.serialize_pem()).unwrap();
+    let server = TestServer::start(&format!(
+        "[smtp]\nlisten_tls = [\"127.0.0.1:0\"]\ntls_certificate = \"{}\"\ntls_private_key = \"{}\"\n",
+        cert.display(),
+        key.display()
+    ));
+    let mut c = Client::connect(server.addr);
+    c.ehlo();
+    c.starttls();
+    assert_eq!(c.ehlo().code, 250);
+    assert_eq!(
+        c.peer_certificate().as_deref(),
+        Some(made.cert.der().as_ref())
+    );
+    let mut implicit = Client::connect_tls(server.tls_addr.unwrap());
+    assert_eq!(implicit.greeting.code, 220);
+    assert_eq!(implicit.ehlo().code, 250);
+    assert_eq!(
+        implicit.peer_certificate().as_deref(),
+        Some(made.cert.der().as_ref())
+    );
+    assert!(
+        !server.data_dir().join("tls").exists(),
+        "nothing generated when a certificate is configured"
+    );
+}
