@@ -75,6 +75,17 @@ pub fn order_mx(mut records: Vec<(u16, String)>, mut random: impl FnMut() -> u32
         .collect()
 }
 
+/// The address of an address-literal domain (`[192.0.2.1]`,
+/// `[IPv6:2001:db8::1]`, RFC 5321 §4.1.3): mail goes there, no MX lookup.
+pub fn address_literal(domain: &str) -> Option<IpAddr> {
+    let inner = domain.strip_prefix('[')?.strip_suffix(']')?;
+    let inner = inner
+        .strip_prefix("IPv6:")
+        .or_else(|| inner.strip_prefix("ipv6:"))
+        .unwrap_or(inner);
+    inner.parse().ok()
+}
+
 /// The hosts for `domain`, in the order to try them.
 pub async fn mx_hosts(
     resolver: &TokioResolver,
@@ -82,6 +93,12 @@ pub async fn mx_hosts(
     port: u16,
     random: impl FnMut() -> u32,
 ) -> Result<Vec<Host>, Failure> {
+    if let Some(ip) = address_literal(domain) {
+        return Ok(vec![Host {
+            name: ip.to_string(),
+            port,
+        }]);
+    }
     let lookup = resolver.mx_lookup(fqdn(domain)).await;
     let records: Vec<(u16, String)> = match lookup {
         Ok(l) => l
@@ -220,6 +237,17 @@ mod tests {
     fn duplicate_mx_names_are_tried_once() {
         let ordered = order_mx(vec![(10, "a.".into()), (20, "A.".into())], || 0);
         assert_eq!(ordered, ["a."]);
+    }
+
+    #[test]
+    fn address_literals_are_their_own_host() {
+        assert_eq!(
+            address_literal("[127.0.0.2]"),
+            Some("127.0.0.2".parse().unwrap())
+        );
+        assert_eq!(address_literal("[IPv6:::1]"), Some("::1".parse().unwrap()));
+        assert_eq!(address_literal("example.com"), None);
+        assert_eq!(address_literal("[not-an-ip]"), None);
     }
 
     #[test]
