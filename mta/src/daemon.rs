@@ -56,6 +56,9 @@ pub enum StartError {
     },
 }
 
+/// How often the queue's content segments are compacted.
+const COMPACTION_INTERVAL: Duration = Duration::from_secs(60);
+
 /// Where the daemon keeps things inside its data directory.
 pub fn queue_path(data_dir: &Path) -> PathBuf {
     data_dir.join("queue")
@@ -282,6 +285,32 @@ impl Daemon {
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_secs(1)) => { rx.storage.check(0); }
                         _ = stop.wait_for(|&s| s) => return,
+                    }
+                }
+            }));
+        }
+        // Deferred messages would otherwise pin whole content segments:
+        // compaction copies them out of mostly-dead segments (queue crate).
+        {
+            let queue = receiver.queue.clone();
+            let mut stop = shutdown_rx.clone();
+            acceptors.push(tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep(COMPACTION_INTERVAL) => {}
+                        _ = stop.wait_for(|&s| s) => return,
+                    }
+                    let q = queue.clone();
+                    match tokio::task::spawn_blocking(move || q.compact_blocking()).await {
+                        Ok(Ok(r)) if r.segments_removed > 0 || r.messages_moved > 0 => tracing::info!(
+                            moved = r.messages_moved,
+                            bytes = r.bytes_moved,
+                            removed = r.segments_removed,
+                            "queue compacted"
+                        ),
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => tracing::warn!(error = %e, "queue compaction failed; retried later"),
+                        Err(e) => tracing::error!(error = %e, "queue compaction panicked"),
                     }
                 }
             }));

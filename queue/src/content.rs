@@ -6,7 +6,10 @@
 //! that are never fsynced at all. Content here is written once with
 //! `pwrite`, made durable with `fdatasync` in the group commit, and read
 //! back with a CRC check. A segment file is deleted once no live message
-//! points into it.
+//! points into it; a closed segment that is mostly dead is compacted (its
+//! live entries are copied to the current segment and the records repointed,
+//! see `Queue::compact`), so that a few long-deferred messages do not keep
+//! whole segments on disk.
 //!
 //! Entry layout: `MTAC` magic, queue ID (8 bytes, BE), length (4, BE),
 //! CRC-32 of the content (4, BE), then the content. The header lets a
@@ -28,7 +31,7 @@ const MAGIC: &[u8; 4] = b"MTAC";
 const HEADER: u64 = 20;
 
 /// Where a message's content is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ContentRef {
     pub segment: u32,
     /// Offset of the entry header in the segment file.
@@ -39,7 +42,7 @@ pub struct ContentRef {
 
 impl ContentRef {
     /// Bytes the entry occupies in its segment.
-    fn span(&self) -> u64 {
+    pub(crate) fn span(&self) -> u64 {
         HEADER + self.len as u64
     }
 }
@@ -61,7 +64,15 @@ pub(crate) struct ContentLog {
     /// Segments written since the last sync.
     dirty: Mutex<HashSet<u32>>,
     /// Live bytes per segment; a segment at zero (and not current) is deleted.
+    /// Every entry is counted once, from its append (or its adoption at
+    /// recovery) to its one release, so the count never goes below the
+    /// bytes still referenced.
     live: Mutex<HashMap<u32, u64>>,
+    /// Entries that live records point to but that recovery could not adopt
+    /// (their segment is missing or too short). They were never counted, so
+    /// releasing them must not subtract anything: their segment number may
+    /// even be reused by a later segment.
+    unadopted: Mutex<HashSet<ContentRef>>,
 }
 
 fn io(path: &Path, what: &str, e: std::io::Error) -> QueueError {
@@ -69,6 +80,12 @@ fn io(path: &Path, what: &str, e: std::io::Error) -> QueueError {
         e.kind(),
         format!("{what} {}: {e}", path.display()),
     )))
+}
+
+fn read_only() -> QueueError {
+    QueueError::Store(sled::Error::Unsupported(
+        "the queue was opened for reading only".into(),
+    ))
 }
 
 fn segment_path(dir: &Path, id: u32) -> PathBuf {
@@ -130,6 +147,7 @@ impl ContentLog {
             files: Mutex::new(files),
             dirty: Mutex::new(HashSet::new()),
             live: Mutex::new(HashMap::new()),
+            unadopted: Mutex::new(HashSet::new()),
         })
     }
 
@@ -150,47 +168,57 @@ impl ContentLog {
             QueueError::Store(sled::Error::Unsupported("content over 4 GiB".into()))
         })?;
         let crc = crc32fast::hash(content);
-        let (segment, file, offset) = {
+        let (r, file, rolled) = {
             let mut guard = self.current.lock().expect("content lock");
-            let cur = guard.as_mut().ok_or_else(|| {
-                QueueError::Store(sled::Error::Unsupported(
-                    "the queue was opened for reading only".into(),
-                ))
-            })?;
-            if cur.len >= self.segment_bytes {
-                self.roll(cur)?;
-            }
-            let offset = cur.len;
-            cur.len += HEADER + len as u64;
-            (cur.id, cur.file.clone(), offset)
+            let cur = guard.as_mut().ok_or_else(read_only)?;
+            let rolled = if cur.len >= self.segment_bytes {
+                Some(self.roll(cur)?)
+            } else {
+                None
+            };
+            let r = ContentRef {
+                segment: cur.id,
+                offset: cur.len,
+                len,
+                crc,
+            };
+            cur.len += r.span();
+            // Counted live before the segment can stop being current, so a
+            // release elsewhere in it never sees zero while this write runs.
+            *self
+                .live
+                .lock()
+                .expect("live lock")
+                .entry(r.segment)
+                .or_default() += r.span();
+            (r, cur.file.clone(), rolled)
         };
-        let r = ContentRef {
-            segment,
-            offset,
-            len,
-            crc,
-        };
+        if let Some(old) = rolled {
+            // A closed segment with nothing live goes now, not at the
+            // next start.
+            self.maybe_delete(old);
+        }
+        let (segment, offset) = (r.segment, r.offset);
         let mut header = [0u8; HEADER as usize];
         header[..4].copy_from_slice(MAGIC);
         header[4..12].copy_from_slice(&id.as_u64().to_be_bytes());
         header[12..16].copy_from_slice(&len.to_be_bytes());
         header[16..20].copy_from_slice(&crc.to_be_bytes());
         let path = || segment_path(&self.dir, segment);
-        file.write_all_at(&header, offset)
+        if let Err(e) = file
+            .write_all_at(&header, offset)
             .and_then(|_| file.write_all_at(content, offset + HEADER))
-            .map_err(|e| io(&path(), "writing", e))?;
+        {
+            self.release(&r);
+            return Err(io(&path(), "writing", e));
+        }
         // Marked after the write, so a sync that sees the mark covers it.
         self.dirty.lock().expect("dirty lock").insert(segment);
-        *self
-            .live
-            .lock()
-            .expect("live lock")
-            .entry(segment)
-            .or_default() += r.span();
         Ok(r)
     }
 
-    fn roll(&self, cur: &mut Current) -> Result<(), QueueError> {
+    /// Closes the current segment and starts the next; returns the closed one.
+    fn roll(&self, cur: &mut Current) -> Result<u32, QueueError> {
         let next = cur.id + 1;
         let file = Self::create(&self.dir, next)?;
         // The new file's name must be durable before any message in it is.
@@ -207,10 +235,7 @@ impl ContentLog {
                 len: 0,
             },
         );
-        // The old segment may already hold nothing live; it is deleted when
-        // its last message is released, or at the next recovery.
-        let _ = old;
-        Ok(())
+        Ok(old.id)
     }
 
     /// Makes every write completed so far durable (fdatasync of each
@@ -261,21 +286,37 @@ impl ContentLog {
         Ok(content)
     }
 
-    /// The content is no longer needed (its record's removal is durable).
-    pub(crate) fn release(&self, r: &ContentRef) {
-        let empty = {
+    /// The content is no longer needed (no durable record points to it any
+    /// more). Each entry is released exactly once. Returns whether its
+    /// segment file was deleted as a result.
+    pub(crate) fn release(&self, r: &ContentRef) -> bool {
+        // A read-only log counted nothing and deletes nothing.
+        if !self.is_writable() {
+            return false;
+        }
+        if self.unadopted.lock().expect("unadopted lock").remove(r) {
+            return false;
+        }
+        let (empty, miscounted) = {
             let mut live = self.live.lock().expect("live lock");
             match live.get_mut(&r.segment) {
                 Some(n) => {
+                    let miscounted = *n < r.span();
                     *n = n.saturating_sub(r.span());
-                    *n == 0
+                    (*n == 0, miscounted)
                 }
-                None => true,
+                None => (true, true),
             }
         };
-        if empty {
-            self.maybe_delete(r.segment);
+        if miscounted {
+            tracing::error!(
+                segment = r.segment,
+                offset = r.offset,
+                "content released that was not counted live"
+            );
+            debug_assert!(false, "content released that was not counted live: {r:?}");
         }
+        empty && self.maybe_delete(r.segment)
     }
 
     fn is_current(&self, seg: u32) -> bool {
@@ -285,18 +326,34 @@ impl ContentLog {
             .unwrap_or(true)
     }
 
-    fn maybe_delete(&self, seg: u32) {
-        if self.is_current(seg) {
-            return;
+    /// Whether the log was opened for writing (only then is anything
+    /// deleted: a read-only log never counted what is live).
+    pub(crate) fn is_writable(&self) -> bool {
+        self.current.lock().map(|c| c.is_some()).unwrap_or(false)
+    }
+
+    /// Deletes a segment that is not current and holds nothing live.
+    /// Returns whether it did.
+    fn maybe_delete(&self, seg: u32) -> bool {
+        if !self.is_writable() || self.is_current(seg) {
+            return false;
         }
         {
             let mut live = self.live.lock().expect("live lock");
             if live.get(&seg).is_some_and(|&n| n > 0) {
-                return;
+                return false;
             }
             live.remove(&seg);
         }
-        self.files.lock().expect("files lock").remove(&seg);
+        if self
+            .files
+            .lock()
+            .expect("files lock")
+            .remove(&seg)
+            .is_none()
+        {
+            return false;
+        }
         self.dirty.lock().expect("dirty lock").remove(&seg);
         let path = segment_path(&self.dir, seg);
         if let Err(e) = std::fs::remove_file(&path)
@@ -304,18 +361,28 @@ impl ContentLog {
         {
             tracing::warn!(path = %path.display(), error = %e, "cannot remove a content segment");
         }
+        true
     }
 
     /// At recovery: registers the content a live record points to, or says
     /// why it cannot be there.
+    /// Orphan entries (a crash between writing content and its record, or
+    /// a compaction copy whose record was never repointed) are never
+    /// adopted, so they count as garbage.
     pub(crate) fn adopt(&self, r: &ContentRef) -> Result<(), String> {
-        let file = self.file(r.segment)?;
-        let size = file.metadata().map(|m| m.len()).unwrap_or(0);
-        if r.offset + r.span() > size {
-            return Err(format!(
-                "content segment {:08x} ends at {size}, before the entry at {}",
-                r.segment, r.offset
-            ));
+        let checked = self.file(r.segment).and_then(|file| {
+            let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+            if r.offset + r.span() > size {
+                return Err(format!(
+                    "content segment {:08x} ends at {size}, before the entry at {}",
+                    r.segment, r.offset
+                ));
+            }
+            Ok(())
+        });
+        if let Err(reason) = checked {
+            self.unadopted.lock().expect("unadopted lock").insert(*r);
+            return Err(reason);
         }
         *self
             .live
@@ -345,12 +412,67 @@ impl ContentLog {
             .collect();
         let mut removed = 0;
         for seg in segments {
-            if !self.is_current(seg) && !live.contains(&seg) {
-                self.maybe_delete(seg);
+            if !self.is_current(seg) && !live.contains(&seg) && self.maybe_delete(seg) {
                 removed += 1;
             }
         }
         removed
+    }
+
+    /// The size at which a segment is closed.
+    pub(crate) fn segment_bytes(&self) -> u64 {
+        self.segment_bytes
+    }
+
+    /// Whether recovery could not adopt this entry (its record is corrupt).
+    pub(crate) fn is_unadopted(&self, r: &ContentRef) -> bool {
+        self.unadopted.lock().expect("unadopted lock").contains(r)
+    }
+
+    /// For compaction: deletes closed segments that hold nothing live, and
+    /// returns the closed segments whose live bytes are under `below` times
+    /// their size, with the number of segments deleted.
+    pub(crate) fn compaction_candidates(&self, below: f64) -> (Vec<u32>, usize) {
+        let mut segments: Vec<(u32, Arc<File>)> = self
+            .files
+            .lock()
+            .expect("files lock")
+            .iter()
+            .map(|(&id, f)| (id, f.clone()))
+            .collect();
+        segments.sort_by_key(|&(id, _)| id);
+        let (mut candidates, mut removed) = (Vec::new(), 0);
+        for (seg, file) in segments {
+            if !self.is_writable() || self.is_current(seg) {
+                continue;
+            }
+            let live = self
+                .live
+                .lock()
+                .expect("live lock")
+                .get(&seg)
+                .copied()
+                .unwrap_or(0);
+            if live == 0 {
+                if self.maybe_delete(seg) {
+                    removed += 1;
+                }
+                continue;
+            }
+            let Ok(size) = file.metadata().map(|m| m.len()) else {
+                continue;
+            };
+            if (live as f64) < below * size as f64 {
+                candidates.push(seg);
+            }
+        }
+        (candidates, removed)
+    }
+
+    /// Live bytes of all segments, as counted.
+    #[cfg(test)]
+    pub(crate) fn live_bytes(&self) -> u64 {
+        self.live.lock().expect("live lock").values().sum()
     }
 
     /// Bytes of all segment files.
@@ -477,6 +599,60 @@ mod tests {
         assert_eq!(log.read(id(1), &r).unwrap(), b"x");
         assert!(log.append(id(2), b"y").is_err());
         assert!(ContentLog::open(&dir.path().join("none"), 1, false).is_ok());
+    }
+
+    #[test]
+    fn a_closed_segment_with_nothing_live_goes_when_the_next_one_starts() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = ContentLog::open(dir.path(), 100, true).unwrap();
+        let a = log.append(id(1), &[b'a'; 90]).unwrap();
+        assert!(!log.release(&a), "the current segment stays");
+        let b = log.append(id(2), &[b'b'; 90]).unwrap(); // rolls
+        assert_ne!(a.segment, b.segment);
+        assert_eq!(log.segments(), 1);
+        assert!(!segment_path(dir.path(), a.segment).exists());
+        assert_eq!(log.live_bytes(), b.span());
+    }
+
+    #[test]
+    fn releasing_what_recovery_could_not_adopt_counts_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let log = ContentLog::open(dir.path(), 1 << 20, true).unwrap();
+            log.append(id(1), b"kept").unwrap();
+            log.sync().unwrap();
+        }
+        let log = ContentLog::open(dir.path(), 1 << 20, true).unwrap();
+        // A record whose segment was lost, numbered like the new current one.
+        let current = log.current.lock().unwrap().as_ref().unwrap().id;
+        let ghost = ContentRef {
+            segment: current,
+            offset: 0,
+            len: 10,
+            crc: 0,
+        };
+        assert!(log.adopt(&ghost).is_err());
+        let c = log.append(id(3), b"new").unwrap();
+        assert!(log.is_unadopted(&ghost));
+        assert!(!log.release(&ghost));
+        assert_eq!(log.live_bytes(), c.span(), "the new entry is still counted");
+        assert!(!log.is_unadopted(&ghost));
+    }
+
+    #[test]
+    fn a_read_only_log_deletes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = {
+            let log = ContentLog::open(dir.path(), 1 << 20, true).unwrap();
+            let r = log.append(id(1), b"x").unwrap();
+            log.sync().unwrap();
+            r
+        };
+        let log = ContentLog::open(dir.path(), 1 << 20, false).unwrap();
+        assert!(!log.release(&r));
+        assert_eq!(log.compaction_candidates(1.0), (Vec::new(), 0));
+        assert_eq!(log.remove_unreferenced(), 0);
+        assert!(segment_path(dir.path(), r.segment).exists());
     }
 
     #[test]

@@ -44,8 +44,19 @@
 //! * **Space.** Once every recipient of a message is final, its envelope is
 //!   removed in the transaction that records the last outcome, and its
 //!   content is released once that is durable; a segment file is deleted
-//!   when nothing in it is live. (A long-deferred message keeps its whole
-//!   segment; compaction of such segments is to come with delivery.)
+//!   when nothing in it is live. So that a few long-deferred messages do not
+//!   keep whole segments, [`Queue::compact`] (meant to be called
+//!   periodically) copies the live entries of each closed segment under
+//!   [`QueueConfig::compact_below`] (25 % live by default) to the current
+//!   segment, waits for a group commit, repoints each record in a
+//!   transaction that checks it still points at the old place, waits for
+//!   another, and only then releases the old entries, so the old segment is
+//!   deleted. At every instant a durable record points at durable bytes; a
+//!   crash mid-pass leaves either the old place referenced (the copy is an
+//!   orphan that recovery does not count) or the new one (the old segment is
+//!   removed at recovery as unreferenced). After a pass, closed segments
+//!   hold at most about four times their live bytes (entries that cannot be
+//!   read stay where they are, for a postmaster).
 //!
 //! The store is not encrypted yet (see the data-protection issue).
 
@@ -63,6 +74,6 @@ pub use record::{
     MessageRecord, MessageState, RecipientRecord, RecipientState, Submission, domain_of,
 };
 pub use store::{
-    AfterOutcome, Claim, Filter, NewMessage, Outcome, QSHAPE_BUCKETS, Queue, QueueConfig,
-    RecoveryReport, Summary, SummaryBy, SummaryRow,
+    AfterOutcome, Claim, CompactionReport, Filter, NewMessage, Outcome, QSHAPE_BUCKETS, Queue,
+    QueueConfig, RecoveryReport, Summary, SummaryBy, SummaryRow,
 };

@@ -62,6 +62,12 @@ pub struct QueueConfig {
     pub commit_timeout: std::time::Duration,
     /// Size at which a content segment is closed and a new one started.
     pub segment_bytes: u64,
+    /// [`Queue::compact`] moves the live entries out of a closed content
+    /// segment whose live bytes are under this fraction of its size. The
+    /// default, 0.25, leaves closed segments at most about four times their
+    /// live bytes after a pass, and a pass copies under a quarter of the
+    /// bytes it frees. 0 only removes closed segments with nothing live.
+    pub compact_below: f64,
 }
 
 impl QueueConfig {
@@ -71,6 +77,7 @@ impl QueueConfig {
             cache_capacity: 64 * 1024 * 1024,
             commit_timeout: std::time::Duration::from_secs(30),
             segment_bytes: 16 * 1024 * 1024,
+            compact_below: 0.25,
         }
     }
 }
@@ -105,6 +112,22 @@ pub struct RecoveryReport {
     /// Records that could not be decoded or whose content is missing; left
     /// in place, never scheduled, and reported.
     pub corrupt: Vec<QueueId>,
+}
+
+/// What one [`Queue::compact`] pass did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct CompactionReport {
+    /// Closed segments found under [`QueueConfig::compact_below`], whose live
+    /// entries the pass moved to the current segment.
+    pub segments_compacted: usize,
+    /// Messages whose content was moved (and whose records now point to
+    /// the copy, durably).
+    pub messages_moved: usize,
+    /// Bytes copied, entry headers included.
+    pub bytes_moved: u64,
+    /// Segment files deleted by the pass: compacted ones, and closed ones
+    /// that already held nothing live.
+    pub segments_removed: usize,
 }
 
 /// The result of one delivery attempt for one recipient.
@@ -216,6 +239,7 @@ struct Inner {
     commit: GroupCommit,
     ids: IdGenerator,
     claimed: Mutex<HashSet<QueueId>>,
+    compact_below: f64,
 }
 
 /// The durable queue. Cheap to clone; all clones share one store.
@@ -335,6 +359,7 @@ impl Queue {
                 content,
                 ids: IdGenerator::starting_after(last),
                 claimed: Mutex::new(HashSet::new()),
+                compact_below: config.compact_below,
             }),
         })
     }
@@ -481,10 +506,31 @@ impl Queue {
         }))
     }
 
-    /// The stored content of a message, checked against its CRC.
+    /// The stored content of a message, checked against its CRC. Safe
+    /// while [`compact`](Self::compact) moves it: reads follow the record.
     pub fn content(&self, id: QueueId) -> Result<Vec<u8>, QueueError> {
         let rec = self.get(id)?;
-        self.inner.content.read(id, &rec.content)
+        self.content_at(id, rec.content)
+    }
+
+    /// Reads content from where a record pointed; if that fails because a
+    /// compaction moved it meanwhile (and deleted the old segment), follows
+    /// the record to the new place.
+    fn content_at(&self, id: QueueId, mut at: ContentRef) -> Result<Vec<u8>, QueueError> {
+        let mut tries = 0;
+        loop {
+            match self.inner.content.read(id, &at) {
+                Ok(content) => return Ok(content),
+                Err(e) => {
+                    tries += 1;
+                    let now = self.get(id)?.content;
+                    if now == at || tries >= 8 {
+                        return Err(e);
+                    }
+                    at = now;
+                }
+            }
+        }
     }
 
     /// Records the outcome of an attempt for some recipients of a claimed
@@ -775,6 +821,246 @@ impl Queue {
     pub fn sync(&self) -> Result<(), QueueError> {
         self.inner.commit.durable_blocking()
     }
+
+    /// One compaction pass over the content segments; see
+    /// [`QueueConfig::compact_below`]. For each closed segment under the
+    /// threshold, every live entry is copied to the current segment; once
+    /// the copies are durable (group commit), each record is repointed in
+    /// its own transaction that first checks the record still points to the
+    /// old place (a message completed, deleted or moved meanwhile is left
+    /// alone and the copy becomes garbage); once the records are durable,
+    /// the old entries are released and emptied segments deleted. Messages
+    /// claimed for delivery are moved too: [`content`](Self::content) and
+    /// the outcome paths follow the stored record, never the claim's copy.
+    ///
+    /// Work is done in rounds of up to one segment of bytes (two group
+    /// commits each), so no single fsync grows large. A pass does
+    /// synchronous file I/O between its waits; for `spawn_blocking` there is
+    /// [`compact_blocking`](Self::compact_blocking). Passes running at once
+    /// are safe but waste work. A pass that is cancelled or fails loses
+    /// nothing: at worst some space stays taken until the next start.
+    pub async fn compact(&self) -> Result<CompactionReport, QueueError> {
+        let mut pass = self.compaction_start()?;
+        while self.compaction_copy(&mut pass) {
+            let synced = self.inner.commit.durable().await;
+            self.compaction_repoint(&mut pass, synced);
+            let durable = if pass.repointed.is_empty() {
+                Ok(())
+            } else {
+                self.inner.commit.durable().await
+            };
+            self.compaction_release(&mut pass, durable);
+        }
+        pass.finish()
+    }
+
+    /// [`compact`](Self::compact), blocking the calling thread.
+    pub fn compact_blocking(&self) -> Result<CompactionReport, QueueError> {
+        let mut pass = self.compaction_start()?;
+        while self.compaction_copy(&mut pass) {
+            let synced = self.inner.commit.durable_blocking();
+            self.compaction_repoint(&mut pass, synced);
+            let durable = if pass.repointed.is_empty() {
+                Ok(())
+            } else {
+                self.inner.commit.durable_blocking()
+            };
+            self.compaction_release(&mut pass, durable);
+        }
+        pass.finish()
+    }
+
+    /// Finds the segments to compact (deleting closed ones with nothing
+    /// live) and the records that point into them.
+    fn compaction_start(&self) -> Result<Pass, QueueError> {
+        if self.inner.commit.is_failed() {
+            return Err(QueueError::Failed);
+        }
+        let content = &self.inner.content;
+        if !content.is_writable() {
+            return Err(QueueError::Store(sled::Error::Unsupported(
+                "the queue was opened for reading only".into(),
+            )));
+        }
+        let (candidates, removed) = content.compaction_candidates(self.inner.compact_below);
+        let mut pass = Pass {
+            content: content.clone(),
+            todo: Vec::new(),
+            copied: Vec::new(),
+            repointed: Vec::new(),
+            report: CompactionReport {
+                segments_compacted: candidates.len(),
+                segments_removed: removed,
+                ..Default::default()
+            },
+            error: None,
+        };
+        if candidates.is_empty() {
+            return Ok(pass);
+        }
+        let candidates: HashSet<u32> = candidates.into_iter().collect();
+        for rec in self.records() {
+            let rec = match rec {
+                Ok(rec) => rec,
+                // Reported by recovery and left in place.
+                Err(QueueError::Corrupt { .. }) => continue,
+                Err(e) => return Err(e),
+            };
+            if candidates.contains(&rec.content.segment) && !content.is_unadopted(&rec.content) {
+                pass.todo.push((rec.id, rec.content));
+            }
+        }
+        // Read in file order; popped from the end.
+        pass.todo
+            .sort_by_key(|(_, r)| std::cmp::Reverse((r.segment, r.offset)));
+        Ok(pass)
+    }
+
+    /// Copies the next entries, up to one segment of bytes, to the current
+    /// segment. Returns whether there are copies to make durable.
+    fn compaction_copy(&self, pass: &mut Pass) -> bool {
+        if pass.error.is_some() {
+            return false;
+        }
+        let content = &self.inner.content;
+        let limit = content.segment_bytes().max(1);
+        let mut bytes = 0;
+        while bytes < limit
+            && let Some((id, old)) = pass.todo.pop()
+        {
+            let data = match content.read(id, &old) {
+                Ok(data) => data,
+                Err(e) => {
+                    // Completed meanwhile (its segment may be gone already),
+                    // or damaged: then it stays where it is, for a postmaster.
+                    if self.get(id).is_ok_and(|r| r.content == old) {
+                        tracing::warn!(queue_id = %id, error = %e, "content left uncompacted: it cannot be read");
+                    }
+                    continue;
+                }
+            };
+            match content.append(id, &data) {
+                Ok(new) => {
+                    bytes += new.span();
+                    pass.copied.push(Move { id, old, new });
+                }
+                Err(e) => {
+                    pass.fail(e);
+                    break;
+                }
+            }
+        }
+        !pass.copied.is_empty()
+    }
+
+    /// Once the copies are durable (`synced`), points each record at its
+    /// copy, in one transaction per message that checks the record still
+    /// points at the old place.
+    fn compaction_repoint(&self, pass: &mut Pass, synced: Result<(), QueueError>) {
+        if let Err(e) = synced {
+            // Pass's drop releases the copies: no record points to them.
+            pass.fail(e);
+            return;
+        }
+        while let Some(m) = pass.copied.pop() {
+            let (id, old, new) = (m.id, m.old, m.new);
+            let result = self.transact(|tx| {
+                let Some(bytes) = tx.get(key(MSG, id))? else {
+                    return Ok(false);
+                };
+                let Ok(mut rec) = MessageRecord::decode(id, &bytes) else {
+                    return Ok(false);
+                };
+                if rec.content != old {
+                    return Ok(false);
+                }
+                rec.content = new;
+                tx.insert(&key(MSG, id), rec.encode())?;
+                Ok(true)
+            });
+            match result {
+                Ok(true) => pass.repointed.push(m),
+                // Completed, deleted or moved meanwhile: the copy is garbage.
+                Ok(false) => {
+                    self.inner.content.release(&new);
+                }
+                Err(e) => {
+                    // Whether the record changed is unknown: both places stay
+                    // counted live until the next start recounts them.
+                    if matches!(e, QueueError::Store(sled::Error::Io(_))) {
+                        self.inner.commit.fail(&e);
+                    }
+                    pass.fail(e);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Once the repointed records are durable, releases the old entries.
+    fn compaction_release(&self, pass: &mut Pass, durable: Result<(), QueueError>) {
+        if let Err(e) = durable {
+            // The records may or may not be on disk in their new form: both
+            // places stay counted live until the next start recounts them.
+            pass.repointed.clear();
+            pass.fail(e);
+            return;
+        }
+        for m in pass.repointed.drain(..) {
+            pass.report.messages_moved += 1;
+            pass.report.bytes_moved += m.new.span();
+            if self.inner.content.release(&m.old) {
+                pass.report.segments_removed += 1;
+            }
+        }
+    }
+}
+
+/// A content entry copied by compaction.
+struct Move {
+    id: QueueId,
+    old: ContentRef,
+    new: ContentRef,
+}
+
+/// One compaction pass in progress.
+struct Pass {
+    content: Arc<ContentLog>,
+    /// Entries still to copy: the message and where its record pointed.
+    todo: Vec<(QueueId, ContentRef)>,
+    /// Copies written whose records were not repointed yet.
+    copied: Vec<Move>,
+    /// Records repointed, not yet known durable.
+    repointed: Vec<Move>,
+    report: CompactionReport,
+    error: Option<QueueError>,
+}
+
+impl Pass {
+    fn fail(&mut self, e: QueueError) {
+        self.error.get_or_insert(e);
+        self.todo.clear();
+    }
+
+    fn finish(mut self) -> Result<CompactionReport, QueueError> {
+        match self.error.take() {
+            Some(e) => {
+                tracing::warn!(report = ?self.report, error = %e, "content compaction stopped");
+                Err(e)
+            }
+            None => Ok(std::mem::take(&mut self.report)),
+        }
+    }
+}
+
+impl Drop for Pass {
+    /// Copies that no record points to are garbage (also when a pass is
+    /// cancelled between its steps).
+    fn drop(&mut self) {
+        for m in self.copied.drain(..) {
+            self.content.release(&m.new);
+        }
+    }
 }
 
 /// A message taken for delivery. Record its outcomes with
@@ -884,4 +1170,297 @@ fn recover(tree: &sled::Tree, content: &ContentLog) -> Result<RecoveryReport, Qu
     tree.apply_batch(batch)?;
     report.orphans_removed = content.remove_unreferenced();
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    //! Compaction's internal steps, for the crash points and races that the
+    //! public API cannot stop at.
+
+    use std::collections::HashMap;
+
+    use super::*;
+
+    const T0: u64 = 1_800_000_000_000;
+    const HOUR: u64 = 3_600_000;
+
+    fn config(dir: &tempfile::TempDir) -> QueueConfig {
+        let mut c = QueueConfig::new(dir.path().join("queue"));
+        c.segment_bytes = 4096;
+        c
+    }
+
+    /// Opens the store, waiting out sled 0.34's background threads, which
+    /// hold a dropped instance's file lock for a moment.
+    fn reopen(dir: &tempfile::TempDir) -> (Queue, RecoveryReport) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match Queue::open(&config(dir)) {
+                Err(QueueError::Locked { .. }) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20))
+                }
+                opened => return opened.unwrap(),
+            }
+        }
+    }
+
+    fn content_of(i: u64) -> Vec<u8> {
+        let mut x = i.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..1000 + i % 5)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    /// 16 messages of ~1 KB in 4 KB segments; all but every fifth delivered,
+    /// those deferred for an hour. Returns the deferred ones' contents.
+    async fn spread(q: &Queue) -> HashMap<QueueId, Vec<u8>> {
+        for i in 0..16 {
+            q.enqueue(NewMessage {
+                id: q.next_id(T0 + i),
+                received_ms: T0 + i,
+                tenant: None,
+                sender: "s@example.com".into(),
+                recipients: vec!["r@d.example".into()],
+                submission: Submission::default(),
+                content: content_of(i),
+            })
+            .await
+            .unwrap();
+        }
+        let mut kept = HashMap::new();
+        for (n, claim) in q.claim_due(T0 + 100, 100).unwrap().into_iter().enumerate() {
+            let outcome = if n % 5 == 1 {
+                kept.insert(claim.record.id, content_of(n as u64));
+                Outcome::Deferred {
+                    reply: "451 later".into(),
+                    next_attempt_ms: T0 + HOUR,
+                }
+            } else {
+                Outcome::Delivered {
+                    reply: "250 ok".into(),
+                }
+            };
+            q.record_outcomes(claim, vec![(0, outcome)]).await.unwrap();
+        }
+        assert!(q.inner.content.segments() >= 4);
+        kept
+    }
+
+    /// The live-bytes map counts exactly what the records point to.
+    fn assert_accounted(q: &Queue) {
+        let referenced: u64 = q.records().map(|r| r.unwrap().content.span()).sum();
+        assert_eq!(q.inner.content.live_bytes(), referenced);
+    }
+
+    fn assert_contents(q: &Queue, kept: &HashMap<QueueId, Vec<u8>>) {
+        assert_eq!(q.len(), kept.len());
+        for (id, c) in kept {
+            assert_eq!(&q.content(*id).unwrap(), c, "content of {id}");
+        }
+    }
+
+    async fn deliver_all(q: &Queue) {
+        for claim in q.claim_due(T0 + 10 * HOUR, 100).unwrap() {
+            let after = q
+                .record_outcomes(
+                    claim,
+                    vec![(
+                        0,
+                        Outcome::Delivered {
+                            reply: "250".into(),
+                        },
+                    )],
+                )
+                .await
+                .unwrap();
+            assert_eq!(after, AfterOutcome::Complete);
+        }
+        assert!(q.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_crash_after_the_copy_and_before_the_repoint_loses_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let kept = {
+            let (q, _) = reopen(&dir);
+            let kept = spread(&q).await;
+            let mut pass = q.compaction_start().unwrap();
+            assert!(!pass.todo.is_empty());
+            assert!(q.compaction_copy(&mut pass));
+            q.inner.commit.durable_blocking().unwrap();
+            // The process dies here: the copies are durable, no record
+            // points to them.
+            std::mem::forget(pass);
+            kept
+        };
+        let (q, report) = reopen(&dir);
+        assert_eq!(report.messages, kept.len());
+        assert!(report.corrupt.is_empty());
+        assert_contents(&q, &kept);
+        // The orphan copies are garbage, not live.
+        assert_accounted(&q);
+        let r = q.compact().await.unwrap();
+        assert_eq!(r.messages_moved, kept.len(), "{r:?}");
+        assert_contents(&q, &kept);
+        assert_accounted(&q);
+        deliver_all(&q).await;
+        assert_eq!(q.inner.content.segments(), 1, "only the current segment");
+        assert_eq!(q.inner.content.live_bytes(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_crash_after_the_repoint_and_before_the_release_loses_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (kept, old) = {
+            let (q, _) = reopen(&dir);
+            let kept = spread(&q).await;
+            let old: HashSet<u32> = q.records().map(|r| r.unwrap().content.segment).collect();
+            let mut pass = q.compaction_start().unwrap();
+            while q.compaction_copy(&mut pass) {
+                q.compaction_repoint(&mut pass, q.inner.commit.durable_blocking());
+                // Durable, then the process dies before releasing.
+                q.inner.commit.durable_blocking().unwrap();
+                pass.repointed.clear();
+            }
+            (kept, old)
+        };
+        let (q, report) = reopen(&dir);
+        assert_eq!(report.messages, kept.len());
+        assert!(report.corrupt.is_empty());
+        assert!(report.orphans_removed >= 3, "{report:?}");
+        for rec in q.records() {
+            assert!(!old.contains(&rec.unwrap().content.segment), "not moved");
+        }
+        assert_contents(&q, &kept);
+        assert_accounted(&q);
+        deliver_all(&q).await;
+        assert_eq!(q.inner.content.segments(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_message_completed_or_deleted_during_its_move_stays_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let (q, _) = reopen(&dir);
+        let mut kept = spread(&q).await;
+        let mut pass = q.compaction_start().unwrap();
+        assert!(q.compaction_copy(&mut pass));
+        let done = pass.copied[0].id;
+        let deleted = pass.copied[1].id;
+        // Between the copy and the repoint: one completes, one is deleted.
+        let claim = q
+            .claim_due(T0 + HOUR, 100)
+            .unwrap()
+            .into_iter()
+            .find(|c| c.record.id == done)
+            .unwrap();
+        let after = q
+            .record_outcomes(
+                claim,
+                vec![(
+                    0,
+                    Outcome::Delivered {
+                        reply: "250".into(),
+                    },
+                )],
+            )
+            .await
+            .unwrap();
+        assert_eq!(after, AfterOutcome::Complete);
+        q.delete(deleted).await.unwrap();
+        kept.remove(&done);
+        kept.remove(&deleted);
+        while q.compaction_copy(&mut pass) {
+            q.compaction_repoint(&mut pass, q.inner.commit.durable_blocking());
+            q.compaction_release(&mut pass, q.inner.commit.durable_blocking());
+        }
+        let report = pass.finish().unwrap();
+        assert_eq!(report.messages_moved, kept.len());
+        assert!(matches!(q.get(done), Err(QueueError::NotFound(_))));
+        assert!(matches!(q.get(deleted), Err(QueueError::NotFound(_))));
+        assert_contents(&q, &kept);
+        assert_accounted(&q);
+        drop(q);
+        let (q, report) = reopen(&dir);
+        assert_eq!(report.messages, kept.len());
+        assert_contents(&q, &kept);
+    }
+
+    #[tokio::test]
+    async fn a_claimed_message_moved_and_completed_releases_the_right_places() {
+        let dir = tempfile::tempdir().unwrap();
+        let (q, _) = reopen(&dir);
+        let kept = spread(&q).await;
+        let mut claims = q.claim_due(T0 + HOUR, 100).unwrap();
+        assert_eq!(claims.len(), kept.len());
+        let stale = claims[0].record.content;
+        let mut pass = q.compaction_start().unwrap();
+        while q.compaction_copy(&mut pass) {
+            q.compaction_repoint(&mut pass, q.inner.commit.durable_blocking());
+            // The first claimed message completes after its record was
+            // repointed, before the move is durable and the old place freed.
+            if let Some(c) = claims.pop() {
+                q.record_outcomes(
+                    c,
+                    vec![(
+                        0,
+                        Outcome::Delivered {
+                            reply: "250".into(),
+                        },
+                    )],
+                )
+                .await
+                .unwrap();
+            }
+            q.compaction_release(&mut pass, q.inner.commit.durable_blocking());
+        }
+        pass.finish().unwrap();
+        assert_accounted(&q);
+        // Delivery reads by id, whatever the claim's copy of the record says;
+        // a read that raced with the move follows the record.
+        for c in &claims {
+            assert_eq!(q.content(c.record.id).unwrap(), kept[&c.record.id]);
+        }
+        let first = claims[0].record.id;
+        assert_ne!(q.get(first).unwrap().content, stale, "moved while claimed");
+        assert_eq!(q.content_at(first, stale).unwrap(), kept[&first]);
+        for c in claims {
+            q.record_outcomes(
+                c,
+                vec![(
+                    0,
+                    Outcome::Delivered {
+                        reply: "250".into(),
+                    },
+                )],
+            )
+            .await
+            .unwrap();
+        }
+        assert!(q.is_empty());
+        assert_eq!(q.inner.content.live_bytes(), 0);
+        assert_eq!(q.inner.content.segments(), 1);
+    }
+
+    #[tokio::test]
+    async fn copies_whose_sync_failed_or_pass_was_dropped_are_garbage() {
+        let dir = tempfile::tempdir().unwrap();
+        let (q, _) = reopen(&dir);
+        let kept = spread(&q).await;
+        let mut pass = q.compaction_start().unwrap();
+        assert!(q.compaction_copy(&mut pass));
+        q.compaction_repoint(&mut pass, Err(QueueError::Flush("test".into())));
+        assert!(!q.compaction_copy(&mut pass), "a failed pass stops");
+        assert!(pass.finish().is_err());
+        assert_accounted(&q);
+        let mut pass = q.compaction_start().unwrap();
+        assert!(q.compaction_copy(&mut pass));
+        drop(pass); // cancelled between its steps
+        assert_accounted(&q);
+        assert_contents(&q, &kept);
+    }
 }

@@ -9,9 +9,34 @@ const T0: u64 = 1_800_000_000_000;
 const MIN: u64 = 60_000;
 
 fn open(dir: &tempfile::TempDir) -> Queue {
-    Queue::open(&QueueConfig::new(dir.path().join("queue")))
-        .unwrap()
-        .0
+    reopen(&QueueConfig::new(dir.path().join("queue"))).0
+}
+
+/// Opens the store, waiting out sled 0.34's background threads, which hold
+/// a dropped instance's file lock for a moment (a new process never sees it).
+fn reopen(config: &QueueConfig) -> (Queue, queue::RecoveryReport) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match Queue::open(config) {
+            Err(QueueError::Locked { .. }) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            opened => return opened.unwrap(),
+        }
+    }
+}
+
+/// [`reopen`] for [`Queue::open_for_inspection`].
+fn inspect(dir: &tempfile::TempDir) -> Queue {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match Queue::open_for_inspection(&dir.path().join("queue")) {
+            Err(QueueError::Locked { .. }) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            opened => return opened.unwrap(),
+        }
+    }
 }
 
 fn message(q: &Queue, at: u64, tenant: &str, rcpts: &[&str]) -> NewMessage {
@@ -39,7 +64,7 @@ async fn an_enqueued_message_survives_reopening_the_store() {
     q.enqueue(msg).await.unwrap();
     drop(q);
 
-    let (q, report) = Queue::open(&QueueConfig::new(dir.path().join("queue"))).unwrap();
+    let (q, report) = reopen(&QueueConfig::new(dir.path().join("queue")));
     assert_eq!(report.messages, 1);
     assert_eq!(report.pending_recipients, 2);
     assert_eq!(report.scheduled, 1);
@@ -310,7 +335,7 @@ async fn a_message_claimed_when_the_process_died_is_due_again_after_recovery() {
     q.sync().unwrap();
     drop(q);
 
-    let (q, report) = Queue::open(&QueueConfig::new(dir.path().join("queue"))).unwrap();
+    let (q, report) = reopen(&QueueConfig::new(dir.path().join("queue")));
     assert_eq!(report.scheduled, 1);
     let claims = q.claim_due(T0, 10).unwrap();
     assert_eq!(claims.len(), 1);
@@ -441,7 +466,7 @@ async fn content_space_is_given_back_when_messages_complete() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = QueueConfig::new(dir.path().join("queue"));
     config.segment_bytes = 4096;
-    let (q, _) = Queue::open(&config).unwrap();
+    let (q, _) = reopen(&config);
     let mut ids = Vec::new();
     for i in 0..20 {
         let mut m = message(&q, T0 + i, "acme", &["a@d.example"]);
@@ -489,7 +514,7 @@ async fn a_record_whose_content_is_gone_is_reported_and_never_scheduled() {
     };
     let newest = segment_files(&dir).pop().unwrap();
     std::fs::remove_file(newest).unwrap();
-    let (q, report) = Queue::open(&QueueConfig::new(dir.path().join("queue"))).unwrap();
+    let (q, report) = reopen(&QueueConfig::new(dir.path().join("queue")));
     assert_eq!(report.corrupt, vec![lost]);
     assert_eq!(report.messages, 1);
     let due: Vec<_> = q
@@ -528,7 +553,238 @@ async fn inspection_writes_nothing() {
         id
     };
     let before = segment_files(&dir);
-    let q = Queue::open_for_inspection(&dir.path().join("queue")).unwrap();
+    let q = inspect(&dir);
     assert!(q.content(id).unwrap().starts_with(b"Subject: hi"));
     assert_eq!(segment_files(&dir), before);
+}
+
+// Compaction of content segments.
+
+/// Content that differs from message to message, about 3 KB.
+fn noise(i: u64) -> Vec<u8> {
+    let mut x = i.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..3000 + (i % 7) * 100)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn small_segments(dir: &tempfile::TempDir) -> QueueConfig {
+    let mut config = QueueConfig::new(dir.path().join("queue"));
+    config.segment_bytes = 64 * 1024;
+    config
+}
+
+fn delivered() -> Outcome {
+    Outcome::Delivered {
+        reply: "250 2.0.0 ok".into(),
+    }
+}
+
+/// Enqueues `n` messages of ~3 KB (about 20 per 64 KiB segment), delivers
+/// them and defers one in ten for an hour. Returns the deferred ones with
+/// their content.
+async fn mostly_delivered(q: &Queue, n: u64) -> Vec<(queue::QueueId, Vec<u8>)> {
+    for i in 0..n {
+        let mut m = message(q, T0 + i, "acme", &["a@d.example"]);
+        m.content = noise(i);
+        q.enqueue(m).await.unwrap();
+    }
+    let mut deferred = Vec::new();
+    let claims = q.claim_due(T0 + n, 10_000).unwrap();
+    assert_eq!(claims.len() as u64, n);
+    for (i, claim) in claims.into_iter().enumerate() {
+        let outcome = if i % 10 == 3 {
+            deferred.push((claim.record.id, noise(i as u64)));
+            Outcome::Deferred {
+                reply: "451 4.7.1 later".into(),
+                next_attempt_ms: T0 + 60 * MIN,
+            }
+        } else {
+            delivered()
+        };
+        q.record_outcomes(claim, vec![(0, outcome)]).await.unwrap();
+    }
+    deferred
+}
+
+async fn deliver_everything(q: &Queue) {
+    for claim in q.claim_due(u64::MAX - 1, 10_000).unwrap() {
+        let after = q.record_outcomes(claim, vec![(0, delivered())]).await;
+        assert_eq!(after.unwrap(), AfterOutcome::Complete);
+    }
+    assert!(q.is_empty());
+}
+
+#[tokio::test]
+async fn compaction_moves_deferred_messages_and_their_old_segments_disappear() {
+    let dir = tempfile::tempdir().unwrap();
+    let (q, _) = reopen(&small_segments(&dir));
+    let deferred = mostly_delivered(&q, 150).await;
+    // One deferred message in ten keeps every segment on disk.
+    let pinned = segment_files(&dir);
+    assert!(pinned.len() >= 7, "{pinned:?}");
+    let size_before = q.size_on_disk().unwrap();
+
+    let report = q.compact().await.unwrap();
+    let closed = pinned.len() - 1;
+    assert_eq!(report.segments_compacted, closed, "{report:?}");
+    assert_eq!(report.segments_removed, closed, "{report:?}");
+    assert!(report.messages_moved >= deferred.len() - 3, "{report:?}");
+    assert!(report.bytes_moved >= 3000 * report.messages_moved as u64);
+    for old in &pinned[..closed] {
+        assert!(!old.exists(), "{} is still on disk", old.display());
+    }
+    assert!(q.size_on_disk().unwrap() < size_before);
+    for (id, content) in &deferred {
+        assert_eq!(&q.content(*id).unwrap(), content, "content of {id}");
+    }
+    assert!(
+        q.claim_due(T0 + 59 * MIN, 100).unwrap().is_empty(),
+        "the schedule is untouched"
+    );
+
+    // Their completion releases the new places: the segments go too.
+    deliver_everything(&q).await;
+    assert_eq!(segment_files(&dir).len(), 1, "only the current segment");
+    let report = q.compact().await.unwrap();
+    assert_eq!(report.messages_moved, 0, "{report:?}");
+    assert_eq!(segment_files(&dir).len(), 1);
+}
+
+#[tokio::test]
+async fn after_compaction_a_reopened_store_finds_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let deferred = {
+        let (q, _) = reopen(&small_segments(&dir));
+        let deferred = mostly_delivered(&q, 120).await;
+        let report = q.compact().await.unwrap();
+        assert!(report.messages_moved > 0, "{report:?}");
+        deferred
+    };
+    let (q, report) = reopen(&small_segments(&dir));
+    assert_eq!(report.messages, deferred.len());
+    assert_eq!(report.scheduled, deferred.len());
+    assert!(report.corrupt.is_empty(), "{report:?}");
+    assert_eq!(report.orphans_removed, 0, "{report:?}");
+    for (id, content) in &deferred {
+        assert_eq!(&q.content(*id).unwrap(), content, "content of {id}");
+    }
+    let due = q.claim_due(T0 + 60 * MIN, 100).unwrap();
+    assert_eq!(due.len(), deferred.len());
+    drop(due);
+    deliver_everything(&q).await;
+    assert_eq!(segment_files(&dir).len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_racing_with_outcomes_and_deletes_neither_resurrects_nor_loses() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = small_segments(&dir);
+    // Every closed segment with anything dead is compacted, and the copies
+    // keep filling new segments: moves run the whole time.
+    config.compact_below = 1.0;
+    let (q, _) = reopen(&config);
+    let deferred = mostly_delivered(&q, 300).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let compactor = {
+        let (q, stop) = (q.clone(), stop.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut moved = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                moved += q.compact_blocking().unwrap().messages_moved;
+            }
+            moved
+        })
+    };
+    let claims = q.claim_due(T0 + 60 * MIN, 10_000).unwrap();
+    assert_eq!(claims.len(), deferred.len());
+    let mut tasks = Vec::new();
+    for (i, claim) in claims.into_iter().enumerate() {
+        let q = q.clone();
+        let expected = deferred
+            .iter()
+            .find(|(id, _)| *id == claim.record.id)
+            .unwrap()
+            .1
+            .clone();
+        tasks.push(tokio::spawn(async move {
+            let id = claim.record.id;
+            // Delivery reads the content while it may be moving.
+            assert_eq!(q.content(id).unwrap(), expected, "content of {id}");
+            tokio::task::yield_now().await;
+            match i % 3 {
+                0 => {
+                    let after = q.record_outcomes(claim, vec![(0, delivered())]).await;
+                    assert_eq!(after.unwrap(), AfterOutcome::Complete);
+                    (id, None)
+                }
+                1 => {
+                    drop(claim);
+                    q.delete(id).await.unwrap();
+                    (id, None)
+                }
+                _ => {
+                    let outcome = Outcome::Deferred {
+                        reply: "451 again".into(),
+                        next_attempt_ms: T0 + 120 * MIN,
+                    };
+                    q.record_outcomes(claim, vec![(0, outcome)]).await.unwrap();
+                    (id, Some(expected))
+                }
+            }
+        }));
+    }
+    let mut results = Vec::new();
+    for t in tasks {
+        results.push(t.await.unwrap());
+    }
+    // A few more passes with nothing else going on.
+    for _ in 0..3 {
+        q.compact().await.unwrap();
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let moved = compactor.await.unwrap();
+    assert!(moved > 0, "the compactor never moved anything");
+
+    let check = |q: &Queue| {
+        for (id, kept) in &results {
+            match kept {
+                None => assert!(
+                    matches!(q.get(*id), Err(QueueError::NotFound(_))),
+                    "{id} was resurrected"
+                ),
+                Some(content) => assert_eq!(&q.content(*id).unwrap(), content, "{id}"),
+            }
+        }
+        assert_eq!(q.len(), results.iter().filter(|r| r.1.is_some()).count());
+    };
+    check(&q);
+    drop(q);
+    let (q, report) = reopen(&config);
+    assert!(report.corrupt.is_empty(), "{report:?}");
+    check(&q);
+    // Nothing leaked: once all is delivered only the current segment is left.
+    deliver_everything(&q).await;
+    assert_eq!(segment_files(&dir).len(), 1);
+}
+
+#[tokio::test]
+async fn compaction_refuses_a_store_opened_for_inspection() {
+    let dir = tempfile::tempdir().unwrap();
+    let deferred = {
+        let (q, _) = reopen(&small_segments(&dir));
+        mostly_delivered(&q, 60).await
+    };
+    let before = segment_files(&dir);
+    let q = inspect(&dir);
+    assert!(q.compact().await.is_err());
+    assert_eq!(segment_files(&dir), before);
+    for (id, content) in &deferred {
+        assert_eq!(&q.content(*id).unwrap(), content);
+    }
 }
