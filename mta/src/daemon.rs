@@ -302,14 +302,18 @@ impl Daemon {
                     }
                     let q = queue.clone();
                     match tokio::task::spawn_blocking(move || q.compact_blocking()).await {
-                        Ok(Ok(r)) if r.segments_removed > 0 || r.messages_moved > 0 => tracing::info!(
-                            moved = r.messages_moved,
-                            bytes = r.bytes_moved,
-                            removed = r.segments_removed,
-                            "queue compacted"
-                        ),
+                        Ok(Ok(r)) if r.segments_removed > 0 || r.messages_moved > 0 => {
+                            tracing::info!(
+                                moved = r.messages_moved,
+                                bytes = r.bytes_moved,
+                                removed = r.segments_removed,
+                                "queue compacted"
+                            )
+                        }
                         Ok(Ok(_)) => {}
-                        Ok(Err(e)) => tracing::warn!(error = %e, "queue compaction failed; retried later"),
+                        Ok(Err(e)) => {
+                            tracing::warn!(error = %e, "queue compaction failed; retried later")
+                        }
                         Err(e) => tracing::error!(error = %e, "queue compaction panicked"),
                     }
                 }
