@@ -18,6 +18,8 @@
 //! - [`reception`]: header checks and the headers we add.
 //! - [`sign`]: DKIM signing (RFC 6376, RFC 8463) with the keys of the
 //!   `dkim-keys` ring.
+//! - [`spf`]: SPF evaluation (RFC 7208) of our egress IPs for our senders'
+//!   domains: result, record, matched directive, lookups, TTL.
 //! - [`delivery`]: MX routing, outbound SMTP with STARTTLS, retries,
 //!   bounces and DSNs. RFC 5321 §4.5.4 and §5, 3207, 7435, 7505, 3464.
 //! - [`log`]: the transaction log schema, writer and reader.
@@ -45,5 +47,6 @@ pub mod reception;
 pub mod server;
 pub mod sign;
 pub mod smtp;
+pub mod spf;
 pub mod stream;
 pub mod tls;

@@ -17,6 +17,9 @@
 //!   serving zones written as zone-file text.
 //! - [`sink::Sink`]: a real SMTP receiving server on loopback, scripted by
 //!   recipient, that records what the mta delivers to it.
+//! - [`spf_dns::SpfDnsServer`]: a real DNS server (hickory-server) on
+//!   loopback answering from the SPF suite's zone data (odd names, TXT
+//!   and SPF-type records, CNAMEs, SERVFAIL for `TIMEOUT`).
 //! - [`dialogue`]: the `.smtp` fixture format and its runner.
 //! - [`tools`]: running independent clients (Python smtplib, swaks).
 //!
@@ -27,4 +30,5 @@ pub mod dialogue;
 pub mod dns;
 pub mod server;
 pub mod sink;
+pub mod spf_dns;
 pub mod tools;
