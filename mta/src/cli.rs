@@ -45,13 +45,34 @@ pub enum Command {
     /// Manage DKIM keys: generate, show the DNS record, check DNS, list.
     #[command(subcommand)]
     Dkim(DkimCommand),
+    /// Check that SPF authorises our egress IPs for the sender domains.
+    #[command(subcommand)]
+    Spf(SpfCommand),
 }
 
-/// Where the configuration and the keys directory are.
+#[derive(Debug, Subcommand)]
+pub enum SpfCommand {
+    /// Evaluate SPF for every sender domain of the tenants (or --domain)
+    /// and every egress IP (or --ip): result, matching directive, DNS
+    /// lookups used, and what to add to a failing record. Exit 1 unless
+    /// every pair passes.
+    Check {
+        #[arg(long)]
+        domain: Option<String>,
+        #[arg(long)]
+        ip: Option<std::net::IpAddr>,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        config: DkimConfigArgs,
+    },
+}
+
+/// Which configuration file to read.
 #[derive(Debug, Args)]
 pub struct DkimConfigArgs {
-    /// The config file whose [dkim] keys and keys_dir to use; default: the
-    /// embedded default (keys in ./mta-data/dkim).
+    /// The config file (its [dkim] keys and keys_dir, tenants, [[egress]],
+    /// [dns]); default: the embedded default (keys in ./mta-data/dkim).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
 }
@@ -241,6 +262,15 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::User(UserCommand::Hash) => user_hash(),
         Command::Queue(cmd) => queue_command(cmd),
         Command::Dkim(cmd) => crate::dkim_cli::run(cmd),
+        Command::Spf(SpfCommand::Check {
+            domain,
+            ip,
+            json,
+            config,
+        }) => {
+            let config = load_config(config.config.as_deref())?;
+            crate::spf_cli::check(&config, domain.as_deref(), ip, json)
+        }
     }
 }
 
@@ -280,11 +310,15 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// SIGHUP: reads the config file again and reloads the DKIM keys it names.
-/// If the file or any key fails, the keys in use stay, and the log says why.
+/// SIGHUP: checks SPF of every sender domain and egress IP again, reads
+/// the config file again and reloads the DKIM keys it names. If the file or
+/// any key fails, the keys in use stay, and the log says why.
 async fn reload(daemon: &Daemon, config_path: Option<&Path>) {
+    daemon.refresh_spf().await;
     let Some(path) = config_path else {
-        tracing::warn!("SIGHUP received: running on the embedded default, nothing to reload");
+        tracing::warn!(
+            "SIGHUP received: running on the embedded default, SPF checked again, nothing else to reload"
+        );
         return;
     };
     let config = match Config::load(path) {

@@ -659,6 +659,9 @@ impl Config {
                 ));
             }
         }
+        if self.spf.check_interval < Duration::from_secs(1) {
+            return Err((None, "[spf] check_interval must be at least \"1s\"".into()));
+        }
         let d = &self.delivery;
         if d.max_connections_per_destination == 0
             || d.max_connections == 0

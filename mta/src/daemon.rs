@@ -18,7 +18,7 @@ use dkim_keys::KeyRing;
 
 use crate::auth::{AuthThrottle, Users};
 use crate::clock::Clock;
-use crate::config::Config;
+use crate::config::{Config, SpfPolicy};
 use crate::delivery::tls::ClientTls;
 use crate::delivery::{Delivery, Parts, Settings};
 use crate::log::{LogError, LogWriterGuard, TransactionLog};
@@ -27,6 +27,7 @@ use crate::policy::{Policy, Tenant};
 use crate::server::{ConnectionLimits, Receiver, StorageGuard, Timeouts, accept_loop};
 use crate::sign::{Signer, SigningPolicy};
 use crate::smtp::SessionConfig;
+use crate::spf::checker::{CheckerParts, Source, SpfChecker, default_source};
 use crate::tls::{self, CertSource, TlsError};
 
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +83,7 @@ pub struct Daemon {
     acceptors: Vec<JoinHandle<()>>,
     receiver: Arc<Receiver>,
     delivery: Arc<Delivery>,
+    spf: Option<Arc<SpfChecker>>,
     log_guard: LogWriterGuard,
 }
 
@@ -148,6 +150,87 @@ fn policy(config: &Config) -> Policy {
     }
 }
 
+/// The sources SPF must authorise: the `[[egress]]` addresses, or the
+/// system's own source address when none binds one.
+pub fn spf_sources(config: &Config) -> Vec<Source> {
+    let hostname = config.hostname();
+    let mut sources: Vec<Source> = config
+        .egress
+        .iter()
+        .filter_map(|e| {
+            Some(Source {
+                ip: e.address?,
+                ehlo: e.ehlo.clone().unwrap_or_else(|| hostname.clone()),
+            })
+        })
+        .collect();
+    if config.egress.is_empty() || config.egress.iter().any(|e| e.address.is_none()) {
+        let ehlo = config
+            .egress
+            .iter()
+            .find(|e| e.address.is_none())
+            .and_then(|e| e.ehlo.clone())
+            .unwrap_or_else(|| hostname.clone());
+        sources.extend(
+            [false, true]
+                .into_iter()
+                .filter_map(default_source)
+                .map(|ip| Source {
+                    ip,
+                    ehlo: ehlo.clone(),
+                }),
+        );
+    }
+    sources
+}
+
+/// The tenants' sender domains SPF checks periodically (exact ones: a
+/// wildcard names no domain to look up).
+pub fn spf_domains(config: &Config) -> Vec<String> {
+    let mut domains: Vec<String> = config
+        .tenants
+        .iter()
+        .flat_map(|t| t.sender_domains.iter())
+        .filter_map(|p| match p {
+            crate::policy::DomainPattern::Exact(d) => Some(d.clone()),
+            crate::policy::DomainPattern::Subdomains(_) => None,
+        })
+        .collect();
+    domains.sort();
+    domains.dedup();
+    domains
+}
+
+fn spf_checker(
+    config: &Config,
+    resolver: &hickory_resolver::TokioResolver,
+    log: &TransactionLog,
+    metrics: &Arc<Metrics>,
+    clock: &Arc<dyn Clock>,
+) -> Option<Arc<SpfChecker>> {
+    if config.spf.policy == SpfPolicy::Off {
+        return None;
+    }
+    let sources = spf_sources(config);
+    if sources.is_empty() {
+        tracing::warn!(
+            "no egress address known: SPF of senders cannot be checked; configure [[egress]] address"
+        );
+        return None;
+    }
+    Some(SpfChecker::new(CheckerParts {
+        policy: config.spf.policy,
+        interval: config.spf.check_interval,
+        sources,
+        domains: spf_domains(config),
+        dns: crate::spf::HickoryDns::new(resolver.clone()),
+        receiver: config.hostname(),
+        log: log.clone(),
+        metrics: metrics.clone(),
+        clock: clock.clone(),
+    }))
+}
+
 impl Daemon {
     /// Starts everything. The data directory comes from `config.data_dir`.
     pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> Result<Daemon, StartError> {
@@ -201,6 +284,7 @@ impl Daemon {
                 .map(|p| p.get_ref().as_path()),
         )?;
         let wake = Arc::new(tokio::sync::Notify::new());
+        let spf = spf_checker(config, &resolver, &log, &metrics, &clock);
 
         let policy = Arc::new(policy(config));
         let users = Arc::new(Users::from_config(&config.tenants));
@@ -220,6 +304,9 @@ impl Daemon {
             auth: !users.is_empty(),
             policy: policy.clone(),
             storage_low: storage.flag(),
+            check_sender: spf
+                .as_ref()
+                .is_some_and(|c| c.policy() == SpfPolicy::Enforce),
         });
         let receiver = Arc::new(Receiver {
             session,
@@ -241,6 +328,7 @@ impl Daemon {
             signer: signer.clone(),
             metrics: metrics.clone(),
             wake: wake.clone(),
+            spf: spf.clone(),
         });
         let delivery = Delivery::new(Parts {
             settings: Settings {
@@ -256,6 +344,7 @@ impl Daemon {
             signer,
             metrics: metrics.clone(),
             wake,
+            spf: spf.clone(),
             seed: None,
         });
 
@@ -336,6 +425,9 @@ impl Daemon {
                 )));
             }
         }
+        if let Some(spf) = &spf {
+            acceptors.push(tokio::spawn(spf.clone().run(shutdown_rx.clone())));
+        }
         if config.delivery.enabled {
             acceptors.push(tokio::spawn(delivery.clone().run(shutdown_rx.clone())));
         } else {
@@ -352,6 +444,7 @@ impl Daemon {
             acceptors,
             receiver,
             delivery,
+            spf,
             log_guard,
         })
     }
@@ -376,6 +469,19 @@ impl Daemon {
         let n = ring.keys().len();
         self.receiver.signer.replace_ring(ring);
         Ok(n)
+    }
+
+    /// Evaluates every configured sender domain with every egress IP
+    /// again (SIGHUP): a record the customer fixed passes from now on.
+    pub async fn refresh_spf(&self) {
+        if let Some(spf) = &self.spf {
+            spf.refresh().await;
+        }
+    }
+
+    /// The SPF checker, when `[spf] policy` is not off.
+    pub fn spf(&self) -> Option<&Arc<SpfChecker>> {
+        self.spf.as_ref()
     }
 
     /// The keys in use.

@@ -48,5 +48,6 @@ pub mod server;
 pub mod sign;
 pub mod smtp;
 pub mod spf;
+pub mod spf_cli;
 pub mod stream;
 pub mod tls;

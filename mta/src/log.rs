@@ -91,6 +91,45 @@ pub struct Reception {
     /// Why the message was accepted unsigned, when it was.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dkim_unsigned: Option<String>,
+    /// SPF of the MAIL FROM domain for our egress IPs, when checked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spf: Option<SpfNote>,
+}
+
+/// The SPF result a Reception record carries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpfNote {
+    pub domain: String,
+    /// The egress IP the result is for (a passing one when any passes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<String>,
+    /// pass, fail, softfail, neutral, none, temperror, permerror, or
+    /// `pending` when the check had not finished (policy warn).
+    pub result: String,
+}
+
+/// The SPF result of a (sender domain, egress IP) pair changed (or was
+/// first seen).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpfChange {
+    #[serde(with = "time::serde::rfc3339")]
+    pub timestamp: Timestamp,
+    pub domain: String,
+    pub ip: String,
+    /// Absent the first time the pair is evaluated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<String>,
+    pub result: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record: Option<String>,
+    /// The directive that matched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub matched: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// What to add to the record for this IP to pass.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fix: Option<String>,
 }
 
 /// A command, a message or a connection was refused.
@@ -199,6 +238,7 @@ pub enum Record {
     Bounce(Attempt),
     /// Retried until the message's lifetime ran out (final).
     Expiration(Attempt),
+    SpfChange(SpfChange),
 }
 
 impl Record {
@@ -207,6 +247,7 @@ impl Record {
             Record::Reception(r) => r.timestamp,
             Record::Rejection(r) => r.timestamp,
             Record::AuthFailure(r) => r.timestamp,
+            Record::SpfChange(r) => r.timestamp,
             Record::Delivery(a)
             | Record::TransientFailure(a)
             | Record::Bounce(a)
@@ -246,6 +287,7 @@ impl Record {
             Record::TransientFailure(_) => "TransientFailure",
             Record::Bounce(_) => "Bounce",
             Record::Expiration(_) => "Expiration",
+            Record::SpfChange(_) => "SpfChange",
         }
     }
 }
@@ -519,6 +561,7 @@ mod tests {
             message_id: None,
             dkim: vec![],
             dkim_unsigned: None,
+            spf: None,
         })
     }
 

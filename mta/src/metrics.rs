@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -41,6 +41,11 @@ pub struct Metrics {
     pub delivery_seconds: Histogram,
     /// DSNs queued for senders, by action (failed).
     pub dsn_sent: IntCounterVec,
+    /// 1 for the current SPF result of each (sender domain, egress IP)
+    /// pair, 0 for its earlier ones.
+    pub spf_pair: IntGaugeVec,
+    /// Accepted messages by the SPF result of their MAIL FROM domain.
+    pub spf_messages: IntCounterVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -137,6 +142,23 @@ impl Metrics {
             "Delivery status notifications queued for senders, by action.",
             &["action"],
         );
+        let spf_pair = IntGaugeVec::new(
+            Opts::new(
+                "mta_spf_pair_result",
+                "1 for the current SPF result of a configured sender domain and egress IP.",
+            ),
+            &["domain", "ip", "result"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(spf_pair.clone()))
+            .expect("unique metric");
+        let spf_messages = counter_vec(
+            &registry,
+            "mta_spf_messages_total",
+            "Accepted messages by the SPF result of their MAIL FROM domain for our egress IPs.",
+            &["result"],
+        );
         let build = IntCounterVec::new(
             Opts::new("mta_build_info", "Version of the running mta (always 1)."),
             &["version"],
@@ -156,6 +178,8 @@ impl Metrics {
             outbound_connections,
             delivery_seconds,
             dsn_sent,
+            spf_pair,
+            spf_messages,
         })
     }
 

@@ -39,6 +39,40 @@ impl DnsServer {
     /// Serves the zones: `(origin, records)`, where records are zone-file
     /// lines relative to the origin ([`zone_header`] is prepended).
     pub fn start(zones: &[(&str, &str)]) -> DnsServer {
+        Self::start_on(0, zones)
+    }
+
+    /// Serves new zones at the same address (a test that edits DNS).
+    pub fn replace(&mut self, zones: &[(&str, &str)]) {
+        let port = self.addr.port();
+        self.stop_serving();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match std::panic::catch_unwind(|| Self::start_on(port, zones)) {
+                Ok(mut next) => {
+                    self.stop = next.stop.take();
+                    self.thread = next.thread.take();
+                    return;
+                }
+                Err(_) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => std::panic::resume_unwind(e),
+            }
+        }
+    }
+
+    fn stop_serving(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+
+    /// Serves the zones on `port` (0: a free one).
+    fn start_on(port: u16, zones: &[(&str, &str)]) -> DnsServer {
         let mut catalog = Catalog::new();
         for (origin, records) in zones {
             let text = format!("{}{records}\n", zone_header(origin));
@@ -64,12 +98,14 @@ impl DnsServer {
                 let mut server = Server::new(catalog);
                 // UDP and TCP on the same port, as resolvers expect.
                 let (udp, tcp) = loop {
-                    let udp = tokio::net::UdpSocket::bind("127.0.0.1:0")
+                    let udp = tokio::net::UdpSocket::bind(("127.0.0.1", port))
                         .await
-                        .expect("bind UDP");
-                    let port = udp.local_addr().unwrap().port();
-                    if let Ok(tcp) = tokio::net::TcpListener::bind(("127.0.0.1", port)).await {
-                        break (udp, tcp);
+                        .unwrap_or_else(|e| panic!("bind UDP port {port}: {e}"));
+                    let bound = udp.local_addr().unwrap().port();
+                    match tokio::net::TcpListener::bind(("127.0.0.1", bound)).await {
+                        Ok(tcp) => break (udp, tcp),
+                        Err(e) if port != 0 => panic!("bind TCP port {port}: {e}"),
+                        Err(_) => {}
                     }
                 };
                 addr_tx.send(udp.local_addr().unwrap()).unwrap();
@@ -92,12 +128,7 @@ impl DnsServer {
 
 impl Drop for DnsServer {
     fn drop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        self.stop_serving();
     }
 }
 

@@ -24,6 +24,8 @@ pub struct Job {
     pub content: Arc<Vec<u8>>,
     pub smtputf8: bool,
     pub body_8bit: bool,
+    /// The source the message must leave from (SPF), if pinned.
+    pub egress: Option<std::net::IpAddr>,
     pub done: oneshot::Sender<JobResult>,
 }
 
@@ -51,16 +53,25 @@ pub struct Destination {
     /// The recipient domain whose TLS policy applies (the key, except for
     /// the relay host).
     pub domain: Option<String>,
+    /// The source every connection of this destination leaves from, when
+    /// pinned (see `Delivery::pinned_egress`).
+    pub egress: Option<std::net::IpAddr>,
     state: Mutex<State>,
     ready: Notify,
     max_workers: usize,
 }
 
 impl Destination {
-    pub fn new(key: String, domain: Option<String>, max_workers: usize) -> Destination {
+    pub fn new(
+        key: String,
+        domain: Option<String>,
+        egress: Option<std::net::IpAddr>,
+        max_workers: usize,
+    ) -> Destination {
         Destination {
             key,
             domain,
+            egress,
             state: Mutex::new(State::default()),
             ready: Notify::new(),
             max_workers,

@@ -38,6 +38,7 @@ use crate::log::{Attempt, LoggedReply, Record, TransactionLog};
 use crate::metrics::Metrics;
 use crate::sign::{Signed, Signer};
 use crate::smtp::{Reply, Status};
+use crate::spf::checker::SpfChecker;
 use client::{ConnInfo, Connection, Envelope, Params, TlsState};
 use destination::{Destination, Job, JobResult};
 use outcome::{Failure, RcptResult, Scope};
@@ -81,6 +82,7 @@ pub struct Delivery {
     egress_next: AtomicUsize,
     rng: Mutex<rand::rngs::StdRng>,
     stopping: AtomicBool,
+    spf: Option<Arc<SpfChecker>>,
     /// Reception wakes the scheduler with this after each accepted message.
     pub wake: Arc<Notify>,
 }
@@ -102,6 +104,9 @@ pub struct Parts {
     pub signer: Arc<Signer>,
     pub metrics: Arc<Metrics>,
     pub wake: Arc<Notify>,
+    /// SPF results of our egress IPs: sources that pass for the sender's
+    /// domain are preferred.
+    pub spf: Option<Arc<SpfChecker>>,
     /// Seed for shuffling MX hosts and jitter; `None` seeds from the OS.
     pub seed: Option<u64>,
 }
@@ -138,6 +143,7 @@ impl Delivery {
             egress_next: AtomicUsize::new(0),
             rng: Mutex::new(rng),
             stopping: AtomicBool::new(false),
+            spf: p.spf,
             wake: p.wake,
         })
     }
@@ -247,12 +253,14 @@ impl Delivery {
             };
             groups.entry(key).or_default().push(i);
         }
+        let egress = self.pinned_egress(&queue::domain_of(&rec.sender));
         let mut pending = Vec::new();
-        for (key, idxs) in groups {
+        for (domain, idxs) in groups {
             for chunk in idxs.chunks(MAX_RCPTS_PER_TRANSACTION) {
                 let (done, rx) = oneshot::channel();
                 self.submit(
-                    &key,
+                    &domain,
+                    egress,
                     Job {
                         queue_id: rec.id.to_string(),
                         sender: rec.sender.clone(),
@@ -263,6 +271,7 @@ impl Delivery {
                         content: content.clone(),
                         smtputf8: rec.submission.smtputf8,
                         body_8bit: rec.submission.body_8bit,
+                        egress,
                         done,
                     },
                 );
@@ -297,19 +306,52 @@ impl Delivery {
         out
     }
 
-    fn submit(self: &Arc<Self>, key: &str, job: Job) {
+    /// The egress IP a sender's mail must leave from, when SPF passes for
+    /// only some of several sources: one of those, in turn. `None` lets any
+    /// source carry it. Connections are kept per destination and pinned
+    /// source, so a reused connection never carries mail from a source its
+    /// sender's SPF does not authorise.
+    fn pinned_egress(&self, sender_domain: &str) -> Option<IpAddr> {
+        let spf = self.spf.as_ref()?;
+        let sources: Vec<IpAddr> = self
+            .settings
+            .egress
+            .iter()
+            .filter_map(|e| e.address)
+            .collect();
+        if sources.len() < 2 || sender_domain.is_empty() {
+            return None;
+        }
+        let passing: Vec<IpAddr> = spf
+            .passing(sender_domain)
+            .into_iter()
+            .filter(|ip| sources.contains(ip))
+            .collect();
+        if passing.is_empty() || passing.len() == sources.len() {
+            return None;
+        }
+        Some(passing[self.egress_next.fetch_add(1, Ordering::Relaxed) % passing.len()])
+    }
+
+    /// Queues a job at its destination: `domain` (empty with a relay host),
+    /// from the pinned source if any.
+    fn submit(self: &Arc<Self>, domain: &str, egress: Option<IpAddr>, job: Job) {
+        let mut key = if domain.is_empty() {
+            self.settings.delivery.relay_host.clone()
+        } else {
+            domain.to_string()
+        };
+        if let Some(ip) = egress {
+            key.push_str(&format!(" via {ip}"));
+        }
         let dest = {
             let mut map = self.destinations.lock().expect("destinations lock");
-            map.entry(key.to_string())
+            map.entry(key.clone())
                 .or_insert_with(|| {
-                    let domain = (!key.is_empty()).then(|| key.to_string());
                     Arc::new(Destination::new(
-                        if key.is_empty() {
-                            self.settings.delivery.relay_host.clone()
-                        } else {
-                            key.to_string()
-                        },
-                        domain,
+                        key,
+                        (!domain.is_empty()).then(|| domain.to_string()),
+                        egress,
                         self.settings.delivery.max_connections_per_destination,
                     ))
                 })
@@ -708,12 +750,16 @@ impl Delivery {
         unreachable!("the second round always returns")
     }
 
-    fn egress_for(&self, ip: IpAddr) -> (Option<IpAddr>, String) {
+    /// The source for a connection to `ip`: the destination's pinned one
+    /// when it fits the address family, else round robin over the sources
+    /// of that family.
+    fn egress_for(&self, ip: IpAddr, pinned: Option<IpAddr>) -> (Option<IpAddr>, String) {
         let fitting: Vec<&EgressConfig> = self
             .settings
             .egress
             .iter()
             .filter(|e| e.address.is_none_or(|a| a.is_ipv4() == ip.is_ipv4()))
+            .filter(|e| pinned.is_none_or(|p| e.address == Some(p) || p.is_ipv4() != ip.is_ipv4()))
             .collect();
         if fitting.is_empty() {
             return (None, self.settings.hostname.clone());
@@ -798,7 +844,7 @@ impl Delivery {
                     .acquire_owned()
                     .await
                     .expect("the connection semaphore is never closed");
-                let (egress, ehlo) = self.egress_for(ip);
+                let (egress, ehlo) = self.egress_for(ip, dest.egress);
                 let params = Params {
                     ehlo: &ehlo,
                     egress,

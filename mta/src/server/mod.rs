@@ -37,6 +37,7 @@ use crate::smtp::reply::replies;
 use crate::smtp::{
     AuthOutcome, AuthRequest, Envelope, Event, Peer, Reply, Session, SessionConfig, Status, Step,
 };
+use crate::spf::checker::{SpfChecker, WARN_WAIT};
 
 /// Time limits of a session.
 #[derive(Debug, Clone, Copy)]
@@ -64,6 +65,8 @@ pub struct Receiver {
     pub metrics: Arc<Metrics>,
     /// Wakes delivery when a message is queued.
     pub wake: Arc<tokio::sync::Notify>,
+    /// SPF of senders for our egress IPs; `None` with `[spf] policy = "off"`.
+    pub spf: Option<Arc<SpfChecker>>,
 }
 
 impl std::fmt::Debug for Receiver {
@@ -173,6 +176,43 @@ impl Receiver {
         AuthOutcome::Failure { reason }
     }
 
+    /// The SPF verdict at MAIL FROM under `enforce` (the step is only
+    /// asked for then).
+    async fn check_sender(&self, sender: &str) -> Result<(), Reply> {
+        let Some(spf) = &self.spf else {
+            return Ok(());
+        };
+        let domain = queue::domain_of(sender);
+        let verdict = spf.verdict(&domain).await;
+        spf.decide(&verdict)
+    }
+
+    /// The SPF note of a Reception record. Under `warn` the check may still
+    /// be running: it gets [`WARN_WAIT`], then goes on for later messages.
+    async fn spf_note(&self, sender: &str) -> Option<log::SpfNote> {
+        let spf = self.spf.clone()?;
+        if sender.is_empty() {
+            return None;
+        }
+        let domain = queue::domain_of(sender);
+        let task = tokio::spawn({
+            let domain = domain.clone();
+            async move { spf.verdict(&domain).await }
+        });
+        let (ip, result) = match tokio::time::timeout(WARN_WAIT, task).await {
+            Ok(Ok(v)) => (
+                v.evaluation.map(|e| e.ip.to_string()),
+                v.result.as_str().to_string(),
+            ),
+            _ => (None, "pending".to_string()),
+        };
+        self.metrics
+            .spf_messages
+            .with_label_values(&[&result])
+            .inc();
+        Some(log::SpfNote { domain, ip, result })
+    }
+
     /// Checks, stores and logs a complete message; the queue ID on success.
     async fn receive(&self, env: Envelope, info: SessionInfo) -> Result<String, Reply> {
         let now = self.clock.now();
@@ -262,6 +302,7 @@ impl Receiver {
             .messages_received
             .with_label_values(&[env.tenant.as_deref().unwrap_or("-")])
             .inc();
+        let spf = self.spf_note(&env.sender).await;
         let mut info = info;
         info.tenant = env.tenant.clone();
         // Written before the 250: a crash after the reply cannot lose it.
@@ -277,6 +318,7 @@ impl Receiver {
                 message_id,
                 dkim,
                 dkim_unsigned,
+                spf,
             }))
             .await;
         Ok(id_text)
@@ -453,6 +495,10 @@ async fn serve(
             Step::Authenticate(req) => {
                 let outcome = rx.authenticate(ip, req).await;
                 session.auth_result(outcome);
+            }
+            Step::CheckSender(sender) => {
+                let result = rx.check_sender(&sender).await;
+                session.sender_result(result);
             }
             Step::Message(env) => {
                 let info = rx.info(peer, Some(&session));

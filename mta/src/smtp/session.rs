@@ -49,6 +49,9 @@ pub struct SessionConfig {
     pub policy: Arc<Policy>,
     /// Set while the queue's disk is short of space: MAIL gets 452 4.3.1.
     pub storage_low: Arc<AtomicBool>,
+    /// MAIL FROM waits for the driver to check the sender (SPF alignment
+    /// of our egress IPs under `[spf] policy = "enforce"`).
+    pub check_sender: bool,
 }
 
 /// The remote end of the session.
@@ -160,6 +163,9 @@ pub enum Step {
     StartTls,
     /// Check the credentials, then call `auth_result`.
     Authenticate(AuthRequest),
+    /// Check the sender of MAIL FROM (its address; never `<>`), then call
+    /// `sender_result`.
+    CheckSender(String),
     /// Check and store the message, then call `message_result`.
     Message(Box<Envelope>),
     /// Write the output and close the connection.
@@ -245,6 +251,8 @@ pub struct Session {
     current: &'static str,
     /// Mechanism and user of the AUTH attempt out with the driver.
     pending_auth: Option<(&'static str, String)>,
+    /// The transaction whose sender is out with the driver.
+    pending_tx: Option<Transaction>,
 }
 
 fn is_protocol_error(r: &Reply) -> bool {
@@ -273,6 +281,7 @@ impl Session {
             closing: false,
             current: "CONNECT",
             pending_auth: None,
+            pending_tx: None,
         }
     }
 
@@ -512,7 +521,7 @@ impl Session {
                 self.reply_quiet(Reply::plain(250, self.cfg.hostname.clone()));
                 self.helo = Some(Helo { name, esmtp: false });
             }
-            Command::Mail { from, params } => self.mail(from, params),
+            Command::Mail { from, params } => return self.mail(from, params),
             Command::Rcpt { to } => self.rcpt(to),
             Command::Data => self.data(),
             Command::Bdat { size, last } => self.bdat(size, last),
@@ -559,12 +568,12 @@ impl Session {
         Reply::plain(250, text)
     }
 
-    fn mail(&mut self, from: Option<Mailbox>, params: MailParams) {
+    fn mail(&mut self, from: Option<Mailbox>, params: MailParams) -> Option<Step> {
         if self.helo.is_none() {
-            return self.reply(replies::bad_sequence("Send EHLO or HELO first"));
+            return self.refuse(replies::bad_sequence("Send EHLO or HELO first"));
         }
         if self.tx.is_some() {
-            return self.reply(replies::bad_sequence(
+            return self.refuse(replies::bad_sequence(
                 "Nested MAIL command: send RSET first",
             ));
         }
@@ -574,24 +583,24 @@ impl Session {
             } else {
                 "Authentication required"
             };
-            return self.reply(Reply::new(530, Status(5, 7, 0), text));
+            return self.refuse(Reply::new(530, Status(5, 7, 0), text));
         }
         if let Some(mb) = &from
             && !params.smtputf8
             && !mb.is_ascii()
         {
-            return self.reply(Reply::new(
+            return self.refuse(Reply::new(
                 553,
                 Status(5, 6, 7),
                 "Non-ASCII sender address needs the SMTPUTF8 parameter (RFC 6531)",
             ));
         }
         if params.size.is_some_and(|s| s > self.cfg.max_message_size) {
-            return self.reply(replies::message_too_big(self.cfg.max_message_size));
+            return self.refuse(replies::message_too_big(self.cfg.max_message_size));
         }
         if self.cfg.storage_low.load(Ordering::Relaxed) {
             // RFC 1870 §6.1 / RFC 3463: the system is short of storage.
-            return self.reply(Reply::new(
+            return self.refuse(Reply::new(
                 452,
                 Status(4, 3, 1),
                 "Insufficient system storage; try again later",
@@ -601,7 +610,7 @@ impl Session {
         let tenant = match (&self.auth, &domain) {
             (Some(id), Some(d)) => {
                 if !self.cfg.policy.sender_allowed(&id.tenant, d) {
-                    return self.reply(Reply::new(
+                    return self.refuse(Reply::new(
                         550,
                         Status(5, 7, 1),
                         format!(
@@ -617,7 +626,7 @@ impl Session {
                 match self.cfg.policy.tenant_for_domain(d) {
                     Some(t) => Some(t.name.clone()),
                     None => {
-                        return self.reply(Reply::new(
+                        return self.refuse(Reply::new(
                             550,
                             Status(5, 7, 1),
                             format!("Sender domain {d} does not belong to any tenant"),
@@ -627,14 +636,50 @@ impl Session {
             }
             (None, _) => None,
         };
-        self.tx = Some(Transaction {
+        let tx = Transaction {
             sender: from.map(|m| m.to_string()).unwrap_or_default(),
             params,
             tenant,
             recipients: Vec::new(),
             chunks: None,
-        });
+        };
+        if self.cfg.check_sender && !tx.sender.is_empty() {
+            let sender = tx.sender.clone();
+            self.pending_tx = Some(tx);
+            return Some(Step::CheckSender(sender));
+        }
+        self.tx = Some(tx);
         self.reply(Reply::new(250, Status(2, 1, 0), "Ok"));
+        None
+    }
+
+    /// A refusal of MAIL: the reply, and no step for the driver.
+    fn refuse(&mut self, r: Reply) -> Option<Step> {
+        self.reply(r);
+        None
+    }
+
+    /// The driver's verdict on the sender of the pending MAIL FROM.
+    pub fn sender_result(&mut self, result: Result<(), Reply>) {
+        let Some(tx) = self.pending_tx.take() else {
+            return;
+        };
+        self.current = "MAIL";
+        match result {
+            Ok(()) => {
+                self.tx = Some(tx);
+                self.reply(Reply::new(250, Status(2, 1, 0), "Ok"));
+            }
+            Err(r) => {
+                self.events.push(Event::Rejected {
+                    command: "MAIL",
+                    reply: r.clone(),
+                    sender: Some(tx.sender),
+                    recipient: None,
+                });
+                self.reply_quiet(r);
+            }
+        }
     }
 
     fn rcpt(&mut self, to: Mailbox) {

@@ -14,6 +14,7 @@ fn config() -> SessionConfig {
         max_auth_failures: 2,
         starttls: true,
         auth: true,
+        check_sender: false,
         storage_low: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         policy: Arc::new(Policy {
             allowed_networks: vec![],

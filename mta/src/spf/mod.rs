@@ -10,6 +10,8 @@
 //! cached), and for a failing IP the mechanism to add ([`suggestion`]).
 //!
 //! Layout:
+//! - [`checker`]: our egress IPs against our senders' records: the
+//!   per-pair cache, the periodic refresh, the MAIL FROM policy.
 //! - [`record`]: parsing a record (§4.5, §4.6, §5, §6), the whole record
 //!   before anything is evaluated, so that a syntax error anywhere is a
 //!   permerror (§4.6).
@@ -38,6 +40,7 @@
 //! ([`Options::timeout`]), so a hostile record can neither loop nor fan
 //! out.
 
+pub mod checker;
 pub mod dns;
 pub mod eval;
 pub mod macros;

@@ -264,7 +264,7 @@ fn start_daemon(mta: &Path, connections: usize, dkim: DkimArg) -> anyhow::Result
     std::fs::write(
         &config,
         format!(
-            "hostname = \"bench.test\"\ndata_dir = \"{}\"\n[dkim]\n{}[smtp]\nlisten = [\"{addr}\"]\nmax_connections_per_ip = {}\n[metrics]\nlisten = \"127.0.0.1:0\"\n[delivery]\nenabled = false\n",
+            "hostname = \"bench.test\"\ndata_dir = \"{}\"\n[dkim]\n{}[smtp]\nlisten = [\"{addr}\"]\nmax_connections_per_ip = {}\n[metrics]\nlisten = \"127.0.0.1:0\"\n[spf]\npolicy = \"off\"\n[delivery]\nenabled = false\n",
             dir.path().join("data").display(),
             extra,
             connections + 10
