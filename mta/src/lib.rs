@@ -20,6 +20,9 @@
 //!   `dkim-keys` ring.
 //! - [`spf`]: SPF evaluation (RFC 7208) of our egress IPs for our senders'
 //!   domains: result, record, matched directive, lookups, TTL.
+//! - [`dmarc`]: DMARC (RFC 7489) alignment of what we are about to send:
+//!   policy discovery, organisational domain (public suffix list),
+//!   DKIM/SPF identifier alignment, the policy that applies.
 //! - [`delivery`]: MX routing, outbound SMTP with STARTTLS, retries,
 //!   bounces and DSNs. RFC 5321 §4.5.4 and §5, 3207, 7435, 7505, 3464.
 //! - [`log`]: the transaction log schema, writer and reader.
@@ -39,6 +42,7 @@ pub mod config;
 pub mod daemon;
 pub mod delivery;
 pub mod dkim_cli;
+pub mod dmarc;
 pub mod dns;
 pub mod log;
 pub mod metrics;

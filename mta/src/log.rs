@@ -94,6 +94,25 @@ pub struct Reception {
     /// SPF of the MAIL FROM domain for our egress IPs, when checked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spf: Option<SpfNote>,
+    /// DMARC alignment of the message as sent, when checked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dmarc: Option<DmarcNote>,
+}
+
+/// The DMARC alignment a Reception record carries (RFC 7489).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DmarcNote {
+    pub from_domain: String,
+    /// The published policy that applies (`none`, `quarantine`, `reject`);
+    /// absent without a record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
+    /// One of our DKIM signatures aligns with the From: domain.
+    pub dkim_aligned: bool,
+    /// SPF passed and the MAIL FROM domain aligns with the From: domain.
+    pub spf_aligned: bool,
+    /// `pass`, `fail`, `none` (no policy) or `temperror`.
+    pub result: String,
 }
 
 /// The SPF result a Reception record carries.
@@ -562,6 +581,7 @@ mod tests {
             dkim: vec![],
             dkim_unsigned: None,
             spf: None,
+            dmarc: None,
         })
     }
 

@@ -46,6 +46,8 @@ pub struct Metrics {
     pub spf_pair: IntGaugeVec,
     /// Accepted messages by the SPF result of their MAIL FROM domain.
     pub spf_messages: IntCounterVec,
+    /// Messages by DMARC alignment outcome (pass, fail, none, temperror).
+    pub dmarc_messages: IntCounterVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -159,6 +161,12 @@ impl Metrics {
             "Accepted messages by the SPF result of their MAIL FROM domain for our egress IPs.",
             &["result"],
         );
+        let dmarc_messages = counter_vec(
+            &registry,
+            "mta_dmarc_messages_total",
+            "Messages by the DMARC alignment outcome of what we send (pass, fail, none, temperror).",
+            &["outcome"],
+        );
         let build = IntCounterVec::new(
             Opts::new("mta_build_info", "Version of the running mta (always 1)."),
             &["version"],
@@ -180,6 +188,7 @@ impl Metrics {
             dsn_sent,
             spf_pair,
             spf_messages,
+            dmarc_messages,
         })
     }
 

@@ -251,3 +251,88 @@ fn spf_check_lists_every_pair_with_what_to_fix() {
     assert_eq!(code, 1);
     assert!(out.contains("add ip4:127.0.0.77"), "{out}");
 }
+
+/// acme.example passes SPF for 127.0.0.9 and publishes p=reject;
+/// other.example (also acme's) publishes p=reject and no SPF.
+fn dmarc_zones() -> Vec<(&'static str, String)> {
+    vec![
+        (
+            "acme.example",
+            "@ 1 IN TXT \"v=spf1 ip4:127.0.0.9 -all\"\n_dmarc IN TXT \"v=DMARC1; p=reject; aspf=r\"\n"
+                .to_string(),
+        ),
+        (
+            "other.example",
+            "_dmarc IN TXT \"v=DMARC1; p=reject\"\n".to_string(),
+        ),
+    ]
+}
+
+fn send(server: &TestServer, mail_from: &str, from_header: &str) -> spec_tests::client::Reply {
+    let mut c = Client::connect(server.addr);
+    c.ehlo();
+    let replies = c.send_message(
+        mail_from,
+        &["a@dest.example"],
+        &message(from_header, "a@dest.example", "dmarc"),
+    );
+    replies.last().unwrap().clone()
+}
+
+#[test]
+fn enforce_refuses_what_would_fail_dmarc_at_a_reject_domain() {
+    // RFC 7489 §3.1, §6.3: SPF-aligned mail passes; a From: domain that
+    // neither our signature nor SPF aligns with, at p=reject, is refused.
+    let zones = dmarc_zones();
+    let zones: Vec<(&str, &str)> = zones.iter().map(|(o, z)| (*o, z.as_str())).collect();
+    let dns = DnsServer::start(&zones);
+    let server = TestServer::start(&config(&dns, "enforce", "").replace(
+        "[\"acme.example\"]",
+        "[\"acme.example\", \"other.example\"]",
+    ));
+    let ok = send(&server, "news@acme.example", "news@acme.example");
+    let rec = server.reception(&queued_id(&ok));
+    let d = rec.dmarc.expect("a DMARC note");
+    assert_eq!(
+        (
+            d.result.as_str(),
+            d.policy.as_deref(),
+            d.spf_aligned,
+            d.dkim_aligned
+        ),
+        ("pass", Some("reject"), true, false)
+    );
+    let refused = send(&server, "news@acme.example", "news@other.example");
+    assert_eq!(
+        (refused.code, refused.enhanced()),
+        (550, Some("5.7.1")),
+        "{refused}"
+    );
+    assert!(refused.text().contains("DMARC"), "{refused}");
+    let rej = server.rejection("the DATA rejection", |r| r.command == "DATA");
+    assert!(rej.reply.text.contains("other.example"), "{rej:?}");
+}
+
+#[test]
+fn warn_records_dmarc_outcomes_and_counts_them() {
+    let zones = dmarc_zones();
+    let zones: Vec<(&str, &str)> = zones.iter().map(|(o, z)| (*o, z.as_str())).collect();
+    let dns = DnsServer::start(&zones);
+    let server = TestServer::start(&config(&dns, "warn", "").replace(
+        "[\"acme.example\"]",
+        "[\"acme.example\", \"other.example\"]",
+    ));
+    let r = send(&server, "news@acme.example", "news@other.example");
+    let d = server.reception(&queued_id(&r)).dmarc.unwrap();
+    assert_eq!(
+        (d.result.as_str(), d.from_domain.as_str()),
+        ("fail", "other.example")
+    );
+    assert_eq!(
+        metric(
+            &server.scrape(),
+            "mta_dmarc_messages_total{outcome=\"fail\"}"
+        ),
+        Some(1.0)
+    );
+}

@@ -213,6 +213,58 @@ impl Receiver {
         Some(log::SpfNote { domain, ip, result })
     }
 
+    /// DMARC alignment (RFC 7489) of the message as we will send it: the
+    /// From: domain against our own DKIM signatures and the MAIL FROM
+    /// domain (when SPF passed). Like SPF, it waits at most [`WARN_WAIT`]
+    /// unless the policy is enforce.
+    async fn dmarc_note(
+        &self,
+        from_domain: &str,
+        dkim: &[crate::sign::SignatureInfo],
+        sender: &str,
+        spf: Option<&log::SpfNote>,
+    ) -> Option<(crate::dmarc::Verdict, log::DmarcNote)> {
+        let checker = self.spf.clone()?;
+        if from_domain.is_empty() {
+            return None;
+        }
+        let dns = checker.dns().clone();
+        let from = from_domain.to_string();
+        let task = tokio::spawn(async move { crate::dmarc::discover(&dns, &from).await });
+        let wait = if checker.policy() == crate::config::SpfPolicy::Enforce {
+            Duration::from_secs(30)
+        } else {
+            WARN_WAIT
+        };
+        let discovery = match tokio::time::timeout(wait, task).await {
+            Ok(Ok(d)) => d,
+            _ => crate::dmarc::Discovery::TempError("the DMARC lookup did not finish".into()),
+        };
+        let signers: Vec<String> = dkim.iter().map(|s| s.domain.clone()).collect();
+        let mail_from = (!sender.is_empty()).then(|| queue::domain_of(sender));
+        let spf_pass = spf.is_some_and(|n| n.result == "pass");
+        let verdict = crate::dmarc::evaluate(
+            &discovery,
+            from_domain,
+            &signers,
+            mail_from.as_deref(),
+            spf_pass,
+        );
+        let outcome = verdict.outcome();
+        self.metrics
+            .dmarc_messages
+            .with_label_values(&[outcome])
+            .inc();
+        let note = log::DmarcNote {
+            from_domain: verdict.from_domain.clone(),
+            policy: verdict.policy.map(|p| p.as_str().to_string()),
+            dkim_aligned: verdict.dkim_aligned,
+            spf_aligned: verdict.spf_aligned,
+            result: outcome.to_string(),
+        };
+        Some((verdict, note))
+    }
+
     /// Checks, stores and logs a complete message; the queue ID on success.
     async fn receive(&self, env: Envelope, info: SessionInfo) -> Result<String, Reply> {
         let now = self.clock.now();
@@ -267,6 +319,34 @@ impl Receiver {
             }
             Signed::No { reason } => (content, Vec::new(), Some(reason)),
         };
+        // SPF and DMARC alignment of what we are about to send: a message
+        // that would fail DMARC at a p=reject domain is refused under
+        // enforce rather than sent to be rejected.
+        let spf = self.spf_note(&env.sender).await;
+        let dmarc = self
+            .dmarc_note(&from_domain, &dkim, &env.sender, spf.as_ref())
+            .await;
+        if let (Some(checker), Some((verdict, _))) = (&self.spf, &dmarc)
+            && checker.policy() == crate::config::SpfPolicy::Enforce
+            && verdict.would_be_rejected()
+        {
+            return Err(refuse(
+                Reply::new(
+                    550,
+                    Status(5, 7, 1),
+                    format!(
+                        "Message refused: it would fail DMARC at {} (p=reject): neither a DKIM signature nor SPF aligns with the From: domain {}",
+                        verdict
+                            .record_domain
+                            .as_deref()
+                            .unwrap_or(&verdict.from_domain),
+                        verdict.from_domain
+                    ),
+                ),
+                &env,
+            ));
+        }
+        let dmarc = dmarc.map(|(_, note)| note);
         let size = content.len() as u64;
         // The store writes the message and its record; twice the size keeps
         // the estimate on the safe side.
@@ -302,7 +382,6 @@ impl Receiver {
             .messages_received
             .with_label_values(&[env.tenant.as_deref().unwrap_or("-")])
             .inc();
-        let spf = self.spf_note(&env.sender).await;
         let mut info = info;
         info.tenant = env.tenant.clone();
         // Written before the 250: a crash after the reply cannot lose it.
@@ -319,6 +398,7 @@ impl Receiver {
                 dkim,
                 dkim_unsigned,
                 spf,
+                dmarc,
             }))
             .await;
         Ok(id_text)

@@ -136,6 +136,11 @@ impl SpfChecker {
         &self.sources
     }
 
+    /// The DNS the checks use (DMARC discovery shares it).
+    pub fn dns(&self) -> &HickoryDns {
+        &self.dns
+    }
+
     /// Evaluates one pair now, bypassing the cache, and caches the result.
     pub async fn evaluate(&self, domain: &str, source: &Source) -> Evaluation {
         let domain = domain.to_ascii_lowercase();
