@@ -336,3 +336,33 @@ fn warn_records_dmarc_outcomes_and_counts_them() {
         Some(1.0)
     );
 }
+
+#[test]
+fn sighup_checks_spf_again_in_the_running_daemon() {
+    // The end-to-end case with the real program: refused while the
+    // record omits our IP; the customer adds it; SIGHUP; it passes.
+    let mut dns = DnsServer::start(&[("acme.example", &acme_zone("v=spf1 ip4:192.0.2.1 -all"))]);
+    let dir = tempfile::tempdir().unwrap();
+    let d = spec_tests::server::DaemonProcess::start(dir.path(), &config(&dns, "enforce", ""));
+    let mail = |d: &spec_tests::server::DaemonProcess| {
+        let mut c = Client::connect(d.addr);
+        c.ehlo();
+        c.cmd("MAIL FROM:<news@acme.example>")
+    };
+    assert_eq!(mail(&d).code, 550);
+    dns.replace(&[("acme.example", &acme_zone("v=spf1 ip4:127.0.0.9 -all"))]);
+    std::thread::sleep(Duration::from_millis(1200));
+    // SAFETY: kill(2) on our own child; no memory is involved.
+    assert_eq!(
+        unsafe { libc::kill(d.child.id() as libc::pid_t, libc::SIGHUP) },
+        0
+    );
+    spec_tests::server::eventually("a pass after SIGHUP", || {
+        spec_tests::server::read_log(&d.data_dir)
+            .into_iter()
+            .any(|r| matches!(r, Record::SpfChange(c) if c.result == "pass"))
+            .then_some(())
+    });
+    let r = mail(&d);
+    assert_eq!(r.code, 250, "{r}\n{}", d.stderr());
+}

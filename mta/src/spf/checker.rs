@@ -22,6 +22,8 @@ use crate::log::{Record, SpfChange, TransactionLog};
 use crate::metrics::Metrics;
 use crate::smtp::{Reply, Status};
 
+/// Envelope sender domains remembered for periodic refreshes.
+const MAX_SEEN: usize = 10_000;
 /// How long a temperror is kept before asking again.
 const TEMPERROR_TTL: Duration = Duration::from_secs(60);
 /// How long MAIL FROM waits for an evaluation under `warn` before the
@@ -77,6 +79,8 @@ pub struct SpfChecker {
     cache: Mutex<HashMap<(String, IpAddr), Cached>>,
     /// The last result of each pair, for change records and the gauge.
     known: Mutex<HashMap<(String, IpAddr), SpfResult>>,
+    /// Envelope sender domains seen, refreshed with the configured ones.
+    seen: Mutex<std::collections::BTreeSet<String>>,
     log: TransactionLog,
     metrics: Arc<Metrics>,
     clock: Arc<dyn Clock>,
@@ -118,6 +122,7 @@ impl SpfChecker {
             },
             cache: Mutex::new(HashMap::new()),
             known: Mutex::new(HashMap::new()),
+            seen: Mutex::new(Default::default()),
             log: p.log,
             metrics: p.metrics,
             clock: p.clock,
@@ -191,16 +196,20 @@ impl SpfChecker {
             return;
         }
         let ip_text = ip.to_string();
-        if let Some(p) = previous {
+        // The gauge only for the configured domains: label values stay
+        // bounded whatever senders relay clients use.
+        if self.domains.iter().any(|d| d == domain) {
+            if let Some(p) = previous {
+                self.metrics
+                    .spf_pair
+                    .with_label_values(&[domain, &ip_text, p.as_str()])
+                    .set(0);
+            }
             self.metrics
                 .spf_pair
-                .with_label_values(&[domain, &ip_text, p.as_str()])
-                .set(0);
+                .with_label_values(&[domain, &ip_text, e.result.as_str()])
+                .set(1);
         }
-        self.metrics
-            .spf_pair
-            .with_label_values(&[domain, &ip_text, e.result.as_str()])
-            .set(1);
         if previous.is_some() || e.result != SpfResult::Pass {
             tracing::warn!(domain, ip = %ip, result = %e.result, previous = ?previous.map(SpfResult::as_str), "SPF result of a sending pair changed");
         }
@@ -222,6 +231,12 @@ impl SpfChecker {
     /// pass), then the first other.
     pub async fn verdict(&self, domain: &str) -> Verdict {
         let domain = domain.to_ascii_lowercase();
+        {
+            let mut seen = self.seen.lock().expect("spf seen");
+            if seen.len() < MAX_SEEN && !self.domains.contains(&domain) {
+                seen.insert(domain.clone());
+            }
+        }
         let mut evaluations = Vec::with_capacity(self.sources.len());
         for source in &self.sources {
             let e = match self.cached(&domain, source.ip) {
@@ -256,10 +271,18 @@ impl SpfChecker {
             .collect()
     }
 
-    /// Evaluates every configured domain with every source again (start,
-    /// every `check_interval`, SIGHUP).
+    /// Evaluates every configured domain, and every sender domain seen so
+    /// far, with every source again (start, every `check_interval`,
+    /// SIGHUP).
     pub async fn refresh(&self) {
-        for domain in &self.domains {
+        let seen: Vec<String> = self
+            .seen
+            .lock()
+            .expect("spf seen")
+            .iter()
+            .cloned()
+            .collect();
+        for domain in self.domains.iter().chain(&seen) {
             for source in &self.sources {
                 self.evaluate(domain, source).await;
             }
