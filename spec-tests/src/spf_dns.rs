@@ -14,9 +14,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
-use hickory_server::Server;
 use hickory_server::net::runtime::Time;
 use hickory_server::proto::op::{Header, HeaderCounts, Metadata, ResponseCode};
 use hickory_server::proto::rr::rdata::{CNAME, MX, NULL, PTR, TXT};
@@ -223,8 +221,7 @@ impl RequestHandler for Handler {
 /// A running server; stops when dropped.
 pub struct SpfDnsServer {
     pub addr: SocketAddr,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    _running: crate::dns::Running,
 }
 
 impl SpfDnsServer {
@@ -232,49 +229,10 @@ impl SpfDnsServer {
         let handler = Handler {
             zone: Arc::new(zone),
         };
-        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async move {
-                let mut server = Server::new(handler);
-                let (udp, tcp) = loop {
-                    let udp = tokio::net::UdpSocket::bind("127.0.0.1:0")
-                        .await
-                        .expect("bind UDP");
-                    let port = udp.local_addr().unwrap().port();
-                    if let Ok(tcp) = tokio::net::TcpListener::bind(("127.0.0.1", port)).await {
-                        break (udp, tcp);
-                    }
-                };
-                addr_tx.send(udp.local_addr().unwrap()).unwrap();
-                server.register_socket(udp);
-                server.register_listener(tcp, Duration::from_secs(10), 4096);
-                let _ = stop_rx.await;
-                let _ = server.shutdown_gracefully().await;
-            });
-        });
-        let addr = addr_rx
-            .recv_timeout(Duration::from_secs(10))
-            .expect("the DNS server starts");
+        let (addr, running) = crate::dns::Running::serve(0, handler);
         SpfDnsServer {
             addr,
-            stop: Some(stop_tx),
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for SpfDnsServer {
-    fn drop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+            _running: running,
         }
     }
 }
