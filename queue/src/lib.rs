@@ -13,14 +13,17 @@
 //!   content in append-only segment files (see `content.rs` for why sled
 //!   does not hold it).
 //! * **Commit point.** [`Queue::enqueue`] writes the content to the current
-//!   segment, then the envelope (with the content's place and CRC) and the
-//!   schedule key in one atomic sled batch, then waits for a group commit: a
+//!   segment, then the envelope (with the content's place and CRC) in one atomic
+//!   sled batch, then waits for a group commit: a
 //!   dedicated thread fdatasyncs the segments written, flushes sled and
 //!   fdatasyncs sled's file (sled's own flush stops at `sync_file_range`),
 //!   for all writers waiting at that moment. `enqueue` returns `Ok` only
 //!   after that, and only then may reception answer `250`. Concurrent
 //!   sessions share one fsync (group commit), so durability is the default,
-//!   not a slow mode.
+//!   not a slow mode. Only then does the message enter the schedule, when
+//!   the caller lets go of the returned [`Enqueued`] (reception does after
+//!   writing its Reception record): nothing is delivered before it is
+//!   durable and its reception logged.
 //! * **Nothing half-written.** The envelope batch is all or nothing, and
 //!   content without an envelope is garbage that recovery removes. If the
 //!   commit fails, `enqueue` undoes the batch and returns an error;
@@ -74,6 +77,6 @@ pub use record::{
     MessageRecord, MessageState, RecipientRecord, RecipientState, Submission, domain_of,
 };
 pub use store::{
-    AfterOutcome, Claim, CompactionReport, Filter, NewMessage, Outcome, QSHAPE_BUCKETS, Queue,
-    QueueConfig, RecoveryReport, Summary, SummaryBy, SummaryRow,
+    AfterOutcome, Claim, CompactionReport, Enqueued, Filter, NewMessage, Outcome, QSHAPE_BUCKETS,
+    Queue, QueueConfig, RecoveryReport, Summary, SummaryBy, SummaryRow,
 };

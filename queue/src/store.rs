@@ -11,7 +11,8 @@
 //!
 //! Invariant: a message that is neither held nor complete has exactly one
 //! schedule key, at `record.scheduled_ms`, except while it is claimed (the
-//! claim took the key away). Recovery rebuilds the index from the records,
+//! claim took the key away) and between `enqueue` and the release of its
+//! [`Enqueued`] (not yet due). Recovery rebuilds the index from the records,
 //! so a crash while claimed makes the message due again.
 
 use std::collections::{BTreeMap, HashSet};
@@ -377,11 +378,12 @@ impl Queue {
     /// only then may the caller say `250`. On `Err` nothing of the message is
     /// left behind (the batch is undone if the fsync failed), and the caller
     /// answers `451 4.3.0` so the client retries.
-    pub async fn enqueue(&self, msg: NewMessage) -> Result<(), QueueError> {
+    pub async fn enqueue(&self, msg: NewMessage) -> Result<Enqueued, QueueError> {
         if self.inner.commit.is_failed() {
             return Err(QueueError::Failed);
         }
         let id = msg.id;
+        let due = msg.received_ms;
         let content = self.inner.content.append(id, &msg.content)?;
         let batch = Self::enqueue_batch(msg, content);
         if let Err(e) = self.inner.tree.apply_batch(batch) {
@@ -398,7 +400,11 @@ impl Queue {
             self.undo_enqueue(id);
             return Err(e);
         }
-        Ok(())
+        Ok(Enqueued {
+            queue: Arc::downgrade(&self.inner),
+            id,
+            due,
+        })
     }
 
     fn enqueue_batch(msg: NewMessage, content: ContentRef) -> sled::Batch {
@@ -423,8 +429,9 @@ impl Queue {
             content,
         };
         let mut batch = sled::Batch::default();
+        // No schedule key yet: the message becomes due only once it is
+        // durable and the caller let go of its `Enqueued` (see there).
         batch.insert(&key(MSG, msg.id), record.encode());
-        batch.insert(&sched_key(due, msg.id), &[]);
         batch
     }
 
@@ -1059,6 +1066,57 @@ impl Drop for Pass {
     fn drop(&mut self) {
         for m in self.copied.drain(..) {
             self.content.release(&m.new);
+        }
+    }
+}
+
+/// A message just stored, not yet in the schedule. Dropping it (or
+/// [`Enqueued::schedule`]) makes it due: reception keeps it until the
+/// Reception record is written, so delivery never starts before the message
+/// is durable and its reception logged. A crash before that loses nothing:
+/// recovery schedules every record.
+pub struct Enqueued {
+    queue: Weak<Inner>,
+    id: QueueId,
+    due: u64,
+}
+
+impl Enqueued {
+    pub fn id(&self) -> QueueId {
+        self.id
+    }
+
+    /// Puts the message in the schedule now.
+    pub fn schedule(self) {}
+}
+
+impl std::fmt::Debug for Enqueued {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Enqueued").field("id", &self.id).finish()
+    }
+}
+
+impl Drop for Enqueued {
+    fn drop(&mut self) {
+        let Some(inner) = self.queue.upgrade() else {
+            return;
+        };
+        let (id, due) = (self.id, self.due);
+        // Idempotent, and only for a message still waiting at that time:
+        // a hold, deletion or reschedule in between has settled it already.
+        let result = (|| -> Result<(), QueueError> {
+            let Some(bytes) = inner.tree.get(key(MSG, id))? else {
+                return Ok(());
+            };
+            let rec = MessageRecord::decode(id, &bytes)?;
+            if !rec.held && rec.scheduled_ms == Some(due) {
+                inner.tree.insert(sched_key(due, id), &[])?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            // Recovery at the next start schedules it; say so now.
+            tracing::error!(queue_id = %id, error = %e, "could not schedule a stored message");
         }
     }
 }

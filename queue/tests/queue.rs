@@ -788,3 +788,35 @@ async fn compaction_refuses_a_store_opened_for_inspection() {
         assert_eq!(&q.content(*id).unwrap(), content);
     }
 }
+
+#[tokio::test]
+async fn a_stored_message_is_due_only_once_the_caller_lets_go() {
+    // Delivery must never start before the 250's commit point and the
+    // Reception record: the schedule key comes after both.
+    let dir = tempfile::tempdir().unwrap();
+    let (q, _) = Queue::open(&QueueConfig::new(dir.path())).unwrap();
+    let id = q.next_id(T0);
+    let stored = q
+        .enqueue(NewMessage {
+            id,
+            received_ms: T0,
+            tenant: None,
+            sender: "s@x.example".into(),
+            recipients: vec!["a@d.example".into()],
+            submission: Submission::default(),
+            content: b"Subject: x\r\n\r\nhi\r\n".to_vec(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(stored.id(), id);
+    assert!(
+        q.claim_due(T0 + 1, 10).unwrap().is_empty(),
+        "due before release"
+    );
+    assert_eq!(q.next_due_ms().unwrap(), None);
+    stored.schedule();
+    assert_eq!(q.next_due_ms().unwrap(), Some(T0));
+    let claims = q.claim_due(T0 + 1, 10).unwrap();
+    assert_eq!(claims.len(), 1);
+    assert_eq!(claims[0].record.id, id);
+}

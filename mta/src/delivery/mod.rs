@@ -623,7 +623,8 @@ impl Delivery {
             content,
         };
         match self.queue.enqueue(message).await {
-            Ok(()) => {
+            Ok(stored) => {
+                stored.schedule();
                 self.metrics.dsn_sent.with_label_values(&["failed"]).inc();
                 self.wake.notify_one();
                 Some(id.to_string())

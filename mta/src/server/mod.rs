@@ -373,11 +373,13 @@ impl Receiver {
             },
             content,
         };
-        if let Err(e) = self.queue.enqueue(message).await {
-            tracing::error!(error = %e, "could not store a message; answered 451");
-            return Err(refuse(replies::storage_failure(), &env));
-        }
-        self.wake.notify_one();
+        let stored = match self.queue.enqueue(message).await {
+            Ok(stored) => stored,
+            Err(e) => {
+                tracing::error!(error = %e, "could not store a message; answered 451");
+                return Err(refuse(replies::storage_failure(), &env));
+            }
+        };
         self.metrics
             .messages_received
             .with_label_values(&[env.tenant.as_deref().unwrap_or("-")])
@@ -401,6 +403,10 @@ impl Receiver {
                 dmarc,
             }))
             .await;
+        // Only now may delivery start: the message is durable and its
+        // Reception record comes before any delivery record.
+        stored.schedule();
+        self.wake.notify_one();
         Ok(id_text)
     }
 }
