@@ -8,26 +8,42 @@
 //! target/release/bench --mta target/release/mta --messages 20000 --size-kb 10 --connections 50
 //! ```
 //!
+//! With `--deliver` the same load goes end to end: the daemon delivers
+//! every message (`[delivery] relay_host`) to a counting sink in this
+//! process, and the report adds delivered messages per second and the time
+//! from our 250 to the sink's 250, read from the daemon's transaction log.
+//! `--sink-tls` makes the sink offer STARTTLS. `--deferred N` submits N
+//! messages to a daemon whose relay host refuses every connection, waits
+//! until all N are deferred, and reports the daemon's memory and the
+//! store's size.
+//!
+//! ```text
+//! target/release/bench --mta target/release/mta --deliver --messages 20000 --size-kb 10 --connections 20 --dkim rsa
+//! target/release/bench --mta target/release/mta --deferred 100000 --size-kb 1
+//! ```
+//!
 //! A benchmark, not a test: run it on a quiet machine, repeat, and compare
 //! ratios within one run. `spec-tests/tests/bench_smoke.rs` only checks that
 //! it works.
 
+use std::collections::{BTreeMap, HashMap};
+use std::io::{Read, Seek, SeekFrom};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use rustls::pki_types::ServerName;
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
-use tokio_rustls::TlsConnector;
+use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 #[derive(Debug, Parser)]
-#[command(about = "Reception benchmark of the mta")]
+#[command(about = "Reception and delivery benchmark of the mta")]
 struct Args {
     /// The mta program; default: `mta` next to this program.
     #[arg(long)]
@@ -70,6 +86,30 @@ struct Args {
     /// rate of the same keys.
     #[arg(long)]
     sign_only: bool,
+    /// End to end: the daemon delivers every message to a sink on loopback
+    /// (`[delivery] relay_host`); adds delivered msgs/s and the time from
+    /// our 250 to the sink's 250 to the report.
+    #[arg(long, conflicts_with_all = ["server", "sign_only"])]
+    deliver: bool,
+    /// With --deliver: the sink offers STARTTLS (the daemon's opportunistic
+    /// TLS then uses it).
+    #[arg(long, requires = "deliver")]
+    sink_tls: bool,
+    /// With --deliver: receive with the project's test sink
+    /// (spec_tests::sink::Sink, which keeps every message in memory)
+    /// instead of the counting sink, to compare the two.
+    #[arg(long, requires = "deliver")]
+    project_sink: bool,
+    /// With --deliver: the daemon's max_connections_per_destination
+    /// (default: the daemon's default).
+    #[arg(long, requires = "deliver")]
+    delivery_connections: Option<usize>,
+    /// Deferred-memory mode: submit N messages to a daemon whose relay host
+    /// refuses every connection (retry_initial 1h), wait until the log has
+    /// N TransientFailure records, and report the daemon's RSS and the
+    /// store's size. --messages and --warmup do not apply.
+    #[arg(long, value_name = "N", conflicts_with_all = ["server", "sign_only", "deliver"])]
+    deferred: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -191,6 +231,59 @@ struct Report {
     server_cpu_ms_per_message: Option<f64>,
     server_peak_rss_mb: Option<f64>,
     client_cpu_seconds: f64,
+    /// With --deliver; the server CPU above then covers reception, signing
+    /// and delivery of the measured messages.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    delivery: Option<DeliveryReport>,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct DeliveryReport {
+    /// `counting` (this program's) or `project` (spec_tests::sink::Sink).
+    sink: &'static str,
+    sink_tls: bool,
+    delivery_connections: Option<usize>,
+    /// From the first submission of the measured run until the sink has
+    /// received the last measured message.
+    delivered_seconds: f64,
+    delivered_per_second: f64,
+    /// From our 250 (the Reception record) to the sink's 250 (the Delivery
+    /// record's timestamp), measured messages only.
+    after_250_p50_ms: f64,
+    after_250_p99_ms: f64,
+    /// Measured messages whose Delivery record is older than their Reception
+    /// record: the sink's 250 came before ours.
+    delivered_before_250: usize,
+    /// The Delivery records' delay_seconds: from the end of DATA (before
+    /// signing and fsync) to the sink's 250.
+    delay_p50_ms: f64,
+    delay_p99_ms: f64,
+    /// Measured messages whose Delivery record says `tls`.
+    delivered_over_tls: usize,
+    /// CPU of the sink's thread over the measured run (client CPU excludes it).
+    sink_cpu_seconds: f64,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct DeferredReport {
+    messages: usize,
+    size_kb: usize,
+    connections: usize,
+    tls: bool,
+    submit_seconds: f64,
+    accepted_per_second: f64,
+    transaction_p99_ms: f64,
+    /// From the first submission until the log has every TransientFailure.
+    all_deferred_seconds: f64,
+    /// VmRSS 2 s after everything is deferred.
+    server_rss_mb: f64,
+    server_peak_rss_mb: f64,
+    /// Allocated on disk under data_dir/queue, and the files' total length.
+    queue_disk_mb: f64,
+    queue_files_mb: f64,
+    log_disk_mb: f64,
+    server_cpu_seconds: f64,
+    server_cpu_ms_per_message: f64,
 }
 
 fn ticks_per_second() -> f64 {
@@ -200,7 +293,12 @@ fn ticks_per_second() -> f64 {
 
 /// User plus system CPU seconds of a process, from /proc.
 fn process_cpu(pid: u32) -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    stat_cpu(Path::new(&format!("/proc/{pid}/stat")))
+}
+
+/// User plus system CPU seconds from a /proc stat file (process or thread).
+fn stat_cpu(path: &Path) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(path)?;
     let after = stat.rsplit_once(')').context("odd /proc stat")?.1;
     let fields: Vec<&str> = after.split_whitespace().collect();
     // Fields 14 and 15 of stat (utime, stime), counted after the ')'.
@@ -209,18 +307,62 @@ fn process_cpu(pid: u32) -> anyhow::Result<f64> {
     Ok((utime + stime) / ticks_per_second())
 }
 
+/// CPU seconds of this process's threads whose name starts with `prefix`.
+fn threads_cpu(prefix: &str) -> anyhow::Result<f64> {
+    let mut total = 0.0;
+    for task in std::fs::read_dir("/proc/self/task")? {
+        let path = task?.path();
+        let Ok(name) = std::fs::read_to_string(path.join("comm")) else {
+            continue; // the thread just ended
+        };
+        if name.starts_with(prefix) {
+            total += stat_cpu(&path.join("stat")).unwrap_or(0.0);
+        }
+    }
+    Ok(total)
+}
+
 fn peak_rss_mb(pid: u32) -> anyhow::Result<f64> {
+    status_mb(pid, "VmHWM:")
+}
+
+/// A memory figure of /proc/PID/status (`VmHWM:`, `VmRSS:`) in MiB.
+fn status_mb(pid: u32, field: &str) -> anyhow::Result<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let line = status
         .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .context("no VmHWM")?;
+        .find(|l| l.starts_with(field))
+        .with_context(|| format!("no {field}"))?;
     let kb: f64 = line
         .split_whitespace()
         .nth(1)
-        .context("VmHWM value")?
+        .with_context(|| format!("{field} value"))?
         .parse()?;
     Ok(kb / 1024.0)
+}
+
+/// Bytes a directory tree takes on disk (allocated blocks), and the total
+/// length of its files.
+fn disk_usage(dir: &Path) -> anyhow::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let (mut blocks, mut len) = (0, 0);
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let meta = entry.metadata()?;
+        if meta.is_dir() {
+            let (b, l) = disk_usage(&entry.path())?;
+            blocks += b;
+            len += l;
+        } else {
+            blocks += meta.blocks() * 512;
+            len += meta.len();
+        }
+    }
+    Ok((blocks, len))
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
 }
 
 fn self_cpu() -> f64 {
@@ -239,6 +381,14 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
     sorted[i].as_secs_f64() * 1000.0
 }
 
+/// Like [`percentile`], of seconds (which may be negative), in ms.
+fn percentile_s(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize] * 1000.0
+}
+
 struct Daemon {
     child: Child,
     addr: SocketAddr,
@@ -253,7 +403,13 @@ impl Drop for Daemon {
     }
 }
 
-fn start_daemon(mta: &Path, connections: usize, dkim: DkimArg) -> anyhow::Result<Daemon> {
+/// Starts the daemon; `delivery` is the body of its `[delivery]` section.
+fn start_daemon(
+    mta: &Path,
+    connections: usize,
+    dkim: DkimArg,
+    delivery: &str,
+) -> anyhow::Result<Daemon> {
     let dir = tempfile::tempdir()?;
     let extra = dkim_config(dir.path(), dkim)?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
@@ -264,7 +420,7 @@ fn start_daemon(mta: &Path, connections: usize, dkim: DkimArg) -> anyhow::Result
     std::fs::write(
         &config,
         format!(
-            "hostname = \"bench.test\"\ndata_dir = \"{}\"\n[dkim]\n{}[smtp]\nlisten = [\"{addr}\"]\nmax_connections_per_ip = {}\n[metrics]\nlisten = \"127.0.0.1:0\"\n[spf]\npolicy = \"off\"\n[delivery]\nenabled = false\n",
+            "hostname = \"bench.test\"\ndata_dir = \"{}\"\n[dkim]\n{}[smtp]\nlisten = [\"{addr}\"]\nmax_connections_per_ip = {}\n[metrics]\nlisten = \"127.0.0.1:0\"\n[spf]\npolicy = \"off\"\n[delivery]\n{delivery}",
             dir.path().join("data").display(),
             extra,
             connections + 10
@@ -440,21 +596,20 @@ fn main() -> anyhow::Result<()> {
     if args.sign_only {
         return sign_only(args.size_kb);
     }
+    if let Some(n) = args.deferred {
+        return deferred(&args, n);
+    }
+    if args.deliver {
+        return deliver(&args);
+    }
     let daemon = match args.server {
         Some(_) => None,
-        None => {
-            let mta = match &args.mta {
-                Some(p) => p.clone(),
-                None => std::env::current_exe()?.with_file_name("mta"),
-            };
-            if !mta.exists() {
-                bail!(
-                    "{} not found: build it (`cargo build --release -p mta`) or pass --mta",
-                    mta.display()
-                );
-            }
-            Some(start_daemon(&mta, args.connections, args.dkim)?)
-        }
+        None => Some(start_daemon(
+            &mta_program(&args)?,
+            args.connections,
+            args.dkim,
+            "enabled = false\n",
+        )?),
     };
     let addr = args
         .server
@@ -521,17 +676,26 @@ fn main() -> anyhow::Result<()> {
         server_cpu_ms_per_message: server_cpu.map(|c| c * 1000.0 / args.messages as f64),
         server_peak_rss_mb: pid.map(peak_rss_mb).transpose()?,
         client_cpu_seconds: client_cpu,
+        delivery: None,
     };
-    match daemon {
-        Some(d) if args.keep => {
-            let kept = d.dir.path().to_path_buf();
-            std::mem::forget(d);
-            eprintln!("data kept in {}", kept.display());
-        }
-        other => drop(other),
+    if let Some(d) = daemon {
+        finish(d, args.keep);
     }
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+    print_report(&report, args.json)
+}
+
+/// Stops the daemon, or leaves it running with its data kept (--keep).
+fn finish(d: Daemon, keep: bool) {
+    if keep {
+        let kept = d.dir.path().to_path_buf();
+        std::mem::forget(d);
+        eprintln!("data kept in {}", kept.display());
+    }
+}
+
+fn print_report(report: &Report, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
     } else {
         let opt =
             |v: Option<f64>, unit: &str| v.map_or("n/a".to_string(), |v| format!("{v:.3}{unit}"));
@@ -554,6 +718,676 @@ fn main() -> anyhow::Result<()> {
             opt(report.server_peak_rss_mb, " MiB"),
             report.client_cpu_seconds
         );
+        if let Some(d) = &report.delivery {
+            println!(
+                "delivered to the {} sink ({}{}): {:.0} msgs/s in {:.2} s, {} over TLS\n\
+                 250 to remote 250: p50 {:.2} ms, p99 {:.2} ms ({} delivered before our 250); from end of DATA: p50 {:.2} ms, p99 {:.2} ms; sink CPU {:.2} s",
+                d.sink,
+                if d.sink_tls { "STARTTLS" } else { "plaintext" },
+                d.delivery_connections
+                    .map_or(String::new(), |n| format!(", {n} connections")),
+                d.delivered_per_second,
+                d.delivered_seconds,
+                d.delivered_over_tls,
+                d.after_250_p50_ms,
+                d.after_250_p99_ms,
+                d.delivered_before_250,
+                d.delay_p50_ms,
+                d.delay_p99_ms,
+                d.sink_cpu_seconds
+            );
+        }
     }
     Ok(())
+}
+
+/// The mta program to start: --mta, or `mta` next to this program.
+fn mta_program(args: &Args) -> anyhow::Result<PathBuf> {
+    let mta = match &args.mta {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()?.with_file_name("mta"),
+    };
+    if !mta.exists() {
+        bail!(
+            "{} not found: build it (`cargo build --release -p mta`) or pass --mta",
+            mta.display()
+        );
+    }
+    Ok(mta)
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// Waiting gives up when nothing moved for this long.
+const STALL: Duration = Duration::from_secs(60);
+
+/// `--deliver`: the load of the reception benchmark, delivered end to end.
+fn deliver(args: &Args) -> anyhow::Result<()> {
+    let mta = mta_program(args)?;
+    let sink = if args.project_sink {
+        BenchSink::Project(spec_tests::sink::Sink::start(
+            "127.0.0.1:0".parse()?,
+            spec_tests::sink::SinkConfig {
+                starttls: args.sink_tls,
+                ..Default::default()
+            },
+        ))
+    } else {
+        BenchSink::Counting(CountingSink::start(args.sink_tls)?)
+    };
+    let mut delivery = format!("relay_host = \"{}\"\n", sink.addr());
+    if let Some(n) = args.delivery_connections {
+        delivery.push_str(&format!("max_connections_per_destination = {n}\n"));
+    }
+    let daemon = start_daemon(&mta, args.connections, args.dkim, &delivery)?;
+    let pid = daemon.child.id();
+    let tls = (!args.no_tls).then(|| TlsConnector::from(spec_tests::client::tls_config()));
+    let body = Arc::new(message(args.size_kb));
+    let runtime = runtime()?;
+    let mut log = LogTail::new(daemon.dir.path().join("data/log"), true);
+
+    // The warm-up is delivered, and its outcomes settled, before measuring.
+    if args.warmup > 0 {
+        runtime.block_on(run(
+            daemon.addr,
+            tls.clone(),
+            body.clone(),
+            args.warmup,
+            args.connections,
+        ))?;
+        sink.wait_for(args.warmup)?;
+        log.wait_for_deliveries(args.warmup)?;
+    }
+    let total = args.warmup + args.messages;
+    let cpu_before = process_cpu(pid)?;
+    let client_before = self_cpu();
+    let sink_before = threads_cpu(sink.thread_name())?;
+    let started = Instant::now();
+    let (elapsed, whole, after) =
+        runtime.block_on(run(daemon.addr, tls, body, args.messages, args.connections))?;
+    let last = sink.wait_for(total)?;
+    let delivered_in = last.saturating_duration_since(started);
+    // The daemon's work ends when the outcomes are stored and logged.
+    log.wait_for_deliveries(total)?;
+    let server_cpu = process_cpu(pid)? - cpu_before;
+    let sink_cpu = threads_cpu(sink.thread_name())? - sink_before;
+    let client_cpu = self_cpu() - client_before - sink_cpu;
+    let received = sink.count();
+    if received != total {
+        bail!("the sink received {received} messages for {total} submitted");
+    }
+    if log.seen.receptions != total {
+        bail!(
+            "{} Reception records for {total} accepted messages",
+            log.seen.receptions
+        );
+    }
+
+    // Matched only now: a Reception record can come after the Delivery.
+    let measured = &log.seen.deliveries[args.warmup..];
+    let mut after_250 = Vec::with_capacity(measured.len());
+    for d in measured {
+        let received = log
+            .seen
+            .received_at
+            .get(&d.queue_id)
+            .with_context(|| format!("no Reception record for {}", d.queue_id))?;
+        after_250.push((d.at - received) as f64 / 1e9);
+    }
+    after_250.sort_by(f64::total_cmp);
+    let mut delay: Vec<f64> = measured.iter().map(|d| d.delay).collect();
+    delay.sort_by(f64::total_cmp);
+    let report = Report {
+        messages: args.messages,
+        size_kb: args.size_kb,
+        connections: args.connections,
+        tls: !args.no_tls,
+        seconds: elapsed.as_secs_f64(),
+        accepted_per_second: args.messages as f64 / elapsed.as_secs_f64(),
+        transaction_p50_ms: percentile(&whole, 0.50),
+        transaction_p99_ms: percentile(&whole, 0.99),
+        after_data_p50_ms: percentile(&after, 0.50),
+        after_data_p99_ms: percentile(&after, 0.99),
+        server_cpu_seconds: Some(server_cpu),
+        server_cpu_ms_per_message: Some(server_cpu * 1000.0 / args.messages as f64),
+        server_peak_rss_mb: Some(peak_rss_mb(pid)?),
+        client_cpu_seconds: client_cpu,
+        delivery: Some(DeliveryReport {
+            sink: sink.kind(),
+            sink_tls: args.sink_tls,
+            delivery_connections: args.delivery_connections,
+            delivered_seconds: delivered_in.as_secs_f64(),
+            delivered_per_second: args.messages as f64 / delivered_in.as_secs_f64(),
+            after_250_p50_ms: percentile_s(&after_250, 0.50),
+            after_250_p99_ms: percentile_s(&after_250, 0.99),
+            delivered_before_250: after_250.iter().filter(|&&s| s < 0.0).count(),
+            delay_p50_ms: percentile_s(&delay, 0.50),
+            delay_p99_ms: percentile_s(&delay, 0.99),
+            delivered_over_tls: measured.iter().filter(|d| d.tls).count(),
+            sink_cpu_seconds: sink_cpu,
+        }),
+    };
+    finish(daemon, args.keep);
+    drop(sink);
+    print_report(&report, args.json)
+}
+
+/// `--deferred N`: how much the daemon holds for N deferred messages.
+fn deferred(args: &Args, n: usize) -> anyhow::Result<()> {
+    let mta = mta_program(args)?;
+    // A port nothing listens on: every attempt fails at connect and defers.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let delivery = format!("relay_host = \"127.0.0.1:{port}\"\nretry_initial = \"1h\"\n");
+    let daemon = start_daemon(&mta, args.connections, args.dkim, &delivery)?;
+    let pid = daemon.child.id();
+    let data = daemon.dir.path().join("data");
+    let tls = (!args.no_tls).then(|| TlsConnector::from(spec_tests::client::tls_config()));
+    let body = Arc::new(message(args.size_kb));
+    let runtime = runtime()?;
+    let mut log = LogTail::new(data.join("log"), false);
+
+    let cpu_before = process_cpu(pid)?;
+    let started = Instant::now();
+    let submission = runtime.spawn(run(daemon.addr, tls, body, n, args.connections));
+    let (mut last_count, mut last_change) = (0, Instant::now());
+    let mut next_progress = Instant::now() + Duration::from_secs(10);
+    loop {
+        std::thread::sleep(Duration::from_millis(500));
+        log.poll()?;
+        let seen = &log.seen;
+        if seen.failed > 0 || !seen.deliveries.is_empty() {
+            bail!(
+                "expected only deferrals, got {} deliveries and {} failures ({})",
+                seen.deliveries.len(),
+                seen.failed,
+                seen.first_failure.as_deref().unwrap_or("")
+            );
+        }
+        if seen.transient >= n && submission.is_finished() {
+            break;
+        }
+        if Instant::now() >= next_progress {
+            eprintln!(
+                "{:6.0} s: {} accepted, {} deferred, daemon RSS {:.0} MiB",
+                started.elapsed().as_secs_f64(),
+                seen.receptions,
+                seen.transient,
+                status_mb(pid, "VmRSS:")?
+            );
+            next_progress += Duration::from_secs(10);
+        }
+        let progress = seen.receptions + seen.transient;
+        if progress != last_count {
+            (last_count, last_change) = (progress, Instant::now());
+        } else if last_change.elapsed() > STALL && submission.is_finished() {
+            // The client's error, if it had one, says more.
+            runtime.block_on(submission)??;
+            bail!(
+                "stuck at {} deferred of {n} ({} accepted)",
+                seen.transient,
+                seen.receptions
+            );
+        }
+    }
+    let all_deferred = started.elapsed();
+    let (elapsed, whole, _) = runtime.block_on(submission)??;
+    let server_cpu = process_cpu(pid)? - cpu_before;
+    if log.seen.receptions != n || log.seen.transient != n {
+        bail!(
+            "{} Reception and {} TransientFailure records for {n} messages",
+            log.seen.receptions,
+            log.seen.transient
+        );
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let (queue_disk, queue_files) = disk_usage(&data.join("queue"))?;
+    let report = DeferredReport {
+        messages: n,
+        size_kb: args.size_kb,
+        connections: args.connections,
+        tls: !args.no_tls,
+        submit_seconds: elapsed.as_secs_f64(),
+        accepted_per_second: n as f64 / elapsed.as_secs_f64(),
+        transaction_p99_ms: percentile(&whole, 0.99),
+        all_deferred_seconds: all_deferred.as_secs_f64(),
+        server_rss_mb: status_mb(pid, "VmRSS:")?,
+        server_peak_rss_mb: peak_rss_mb(pid)?,
+        queue_disk_mb: mib(queue_disk),
+        queue_files_mb: mib(queue_files),
+        log_disk_mb: mib(disk_usage(&data.join("log"))?.0),
+        server_cpu_seconds: server_cpu,
+        server_cpu_ms_per_message: server_cpu * 1000.0 / n as f64,
+    };
+    finish(daemon, args.keep);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "{} msgs of {} KiB deferred, submitted over {} connections ({}): {:.0} msgs/s accepted in {:.1} s (p99 {:.1} ms), all deferred after {:.1} s\n\
+             daemon RSS {:.0} MiB, peak {:.0} MiB; queue on disk {:.0} MiB (files {:.0} MiB), log {:.0} MiB; server CPU {:.1} s = {:.3} ms/msg",
+            report.messages,
+            report.size_kb,
+            report.connections,
+            if report.tls { "STARTTLS" } else { "plaintext" },
+            report.accepted_per_second,
+            report.submit_seconds,
+            report.transaction_p99_ms,
+            report.all_deferred_seconds,
+            report.server_rss_mb,
+            report.server_peak_rss_mb,
+            report.queue_disk_mb,
+            report.queue_files_mb,
+            report.log_disk_mb,
+            report.server_cpu_seconds,
+            report.server_cpu_ms_per_message
+        );
+    }
+    Ok(())
+}
+
+/// What the daemon's transaction log says so far.
+#[derive(Default)]
+struct LogSeen {
+    receptions: usize,
+    /// When our 250 went out (the Reception record, ns since the epoch),
+    /// by queue ID; kept with `detail` only.
+    received_at: HashMap<String, i128>,
+    /// The Delivery records, in the order written.
+    deliveries: Vec<Delivered>,
+    transient: usize,
+    /// Bounce and Expiration records.
+    failed: usize,
+    /// The first failure record, for the error message.
+    first_failure: Option<String>,
+}
+
+struct Delivered {
+    queue_id: String,
+    /// The Delivery record's time (ns since the epoch): the sink's 250.
+    at: i128,
+    delay: f64,
+    tls: bool,
+}
+
+impl LogSeen {
+    fn line(&mut self, line: &str, detail: bool) -> anyhow::Result<()> {
+        use mta::log::Record;
+        let is = |pattern: &str| line.contains(pattern);
+        if is(r#""type":"Reception""#) {
+            self.receptions += 1;
+            if detail && let Record::Reception(r) = serde_json::from_str(line)? {
+                self.received_at
+                    .insert(r.queue_id, r.timestamp.unix_timestamp_nanos());
+            }
+        } else if is(r#""type":"Delivery""#) {
+            if let Record::Delivery(a) = serde_json::from_str(line)? {
+                self.deliveries.push(Delivered {
+                    at: a.timestamp.unix_timestamp_nanos(),
+                    queue_id: a.queue_id,
+                    delay: a.delay_seconds,
+                    tls: a.tls.as_deref() == Some("tls"),
+                });
+            }
+        } else {
+            let transient = is(r#""type":"TransientFailure""#);
+            let failed = is(r#""type":"Bounce""#) || is(r#""type":"Expiration""#);
+            self.transient += usize::from(transient);
+            self.failed += usize::from(failed);
+            if (transient || failed) && self.first_failure.is_none() {
+                let record: Record = serde_json::from_str(line)?;
+                let reply = &record.attempt().context("an attempt")?.reply;
+                self.first_failure = Some(format!("{} {}", reply.code, reply.text));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Follows the daemon's transaction log files as they grow.
+struct LogTail {
+    dir: PathBuf,
+    /// Per file: bytes read, and a line not yet complete.
+    files: BTreeMap<PathBuf, (u64, Vec<u8>)>,
+    /// Keep reception times, to match them with deliveries.
+    detail: bool,
+    seen: LogSeen,
+}
+
+impl LogTail {
+    fn new(dir: PathBuf, detail: bool) -> LogTail {
+        LogTail {
+            dir,
+            files: BTreeMap::new(),
+            detail,
+            seen: LogSeen::default(),
+        }
+    }
+
+    /// Reads what was written since the last poll.
+    fn poll(&mut self) -> anyhow::Result<()> {
+        let mut paths = Vec::new();
+        match std::fs::read_dir(&self.dir) {
+            Ok(entries) => {
+                for entry in entries {
+                    let path = entry?.path();
+                    if path.extension().is_some_and(|x| x == "jsonl") {
+                        paths.push(path);
+                    }
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
+        paths.sort();
+        let mut chunk = vec![0u8; 1 << 20];
+        for path in paths {
+            let (offset, partial) = self.files.entry(path.clone()).or_default();
+            let mut file = std::fs::File::open(&path)?;
+            file.seek(SeekFrom::Start(*offset))?;
+            loop {
+                let n = file.read(&mut chunk)?;
+                if n == 0 {
+                    break;
+                }
+                *offset += n as u64;
+                partial.extend_from_slice(&chunk[..n]);
+                let Some(end) = partial.iter().rposition(|&b| b == b'\n') else {
+                    continue;
+                };
+                for line in partial[..end].split(|&b| b == b'\n') {
+                    if !line.is_empty() {
+                        self.seen.line(std::str::from_utf8(line)?, self.detail)?;
+                    }
+                }
+                partial.drain(..=end);
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until the log has `n` Delivery records; any failure record is
+    /// an error (a deferred message would wait minutes for its retry).
+    fn wait_for_deliveries(&mut self, n: usize) -> anyhow::Result<()> {
+        let (mut last, mut since) = (0, Instant::now());
+        loop {
+            self.poll()?;
+            let seen = &self.seen;
+            if seen.transient + seen.failed > 0 {
+                bail!(
+                    "{} TransientFailure and {} Bounce/Expiration records (first: {})",
+                    seen.transient,
+                    seen.failed,
+                    seen.first_failure.as_deref().unwrap_or("")
+                );
+            }
+            if seen.deliveries.len() >= n {
+                return Ok(());
+            }
+            if seen.deliveries.len() != last {
+                (last, since) = (seen.deliveries.len(), Instant::now());
+            } else if since.elapsed() > STALL {
+                bail!("{last} Delivery records of {n}, none for {STALL:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Where the daemon delivers to.
+enum BenchSink {
+    Counting(CountingSink),
+    Project(spec_tests::sink::Sink),
+}
+
+impl BenchSink {
+    fn addr(&self) -> SocketAddr {
+        match self {
+            BenchSink::Counting(s) => s.addr,
+            BenchSink::Project(s) => s.addr,
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            BenchSink::Counting(_) => "counting",
+            BenchSink::Project(_) => "project",
+        }
+    }
+
+    /// The name (prefix) of the sink's thread, to measure its CPU.
+    fn thread_name(&self) -> &'static str {
+        match self {
+            BenchSink::Counting(_) => "bench-sink",
+            BenchSink::Project(_) => "smtp-sink",
+        }
+    }
+
+    fn count(&self) -> usize {
+        match self {
+            BenchSink::Counting(s) => s.state().0,
+            BenchSink::Project(s) => s.messages().len(),
+        }
+    }
+
+    /// Waits until `n` messages in all have arrived; when the last came.
+    fn wait_for(&self, n: usize) -> anyhow::Result<Instant> {
+        match self {
+            BenchSink::Counting(s) => s.wait_for(n),
+            BenchSink::Project(s) => {
+                // It clones every message it holds when it returns, and
+                // panics on the timeout.
+                s.wait_for_messages(n, Duration::from_secs(600));
+                Ok(Instant::now())
+            }
+        }
+    }
+}
+
+/// A receiving SMTP server that only counts: PIPELINING, optional
+/// STARTTLS (self-signed), DATA. Its own thread and single-threaded
+/// runtime, so its CPU is measured apart from the client's.
+struct CountingSink {
+    addr: SocketAddr,
+    shared: Arc<Mutex<Counted>>,
+}
+
+#[derive(Default)]
+struct Counted {
+    messages: usize,
+    last: Option<Instant>,
+}
+
+impl CountingSink {
+    fn start(starttls: bool) -> anyhow::Result<CountingSink> {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        let acceptor = starttls.then(self_signed_acceptor).transpose()?;
+        let shared = Arc::new(Mutex::new(Counted::default()));
+        let counted = shared.clone();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        // Lives until the program ends.
+        std::thread::Builder::new()
+            .name("bench-sink".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let listener = TcpListener::from_std(listener).expect("sink listener");
+                    loop {
+                        let Ok((tcp, _)) = listener.accept().await else {
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                            continue;
+                        };
+                        let _ = tcp.set_nodelay(true);
+                        tokio::spawn(sink_session(tcp, acceptor.clone(), counted.clone()));
+                    }
+                })
+            })?;
+        Ok(CountingSink { addr, shared })
+    }
+
+    fn state(&self) -> (usize, Option<Instant>) {
+        let c = self.shared.lock().expect("sink lock");
+        (c.messages, c.last)
+    }
+
+    fn wait_for(&self, n: usize) -> anyhow::Result<Instant> {
+        let (mut seen, mut since) = (0, Instant::now());
+        loop {
+            let (count, last) = self.state();
+            if count >= n {
+                return last.context("messages without a time");
+            }
+            if count != seen {
+                (seen, since) = (count, Instant::now());
+            } else if since.elapsed() > STALL {
+                bail!("the sink received {count} of {n} messages, none for {STALL:?}");
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+fn self_signed_acceptor() -> anyhow::Result<TlsAcceptor> {
+    let generated =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()])?;
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
+        generated.signing_key.serialize_der(),
+    ));
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(vec![generated.cert.der().clone()], key)?;
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+async fn sink_session(mut tcp: TcpStream, tls: Option<TlsAcceptor>, counted: Arc<Mutex<Counted>>) {
+    if tcp.write_all(b"220 sink.bench ESMTP\r\n").await.is_err() {
+        return;
+    }
+    // Whatever the client pipelined after STARTTLS is dropped with the
+    // first session's buffer (RFC 3207 §4.2).
+    if let (Ok(SinkNext::StartTls), Some(acceptor)) =
+        (sink_serve(&mut tcp, tls.is_some(), &counted).await, tls)
+        && let Ok(mut stream) = acceptor.accept(tcp).await
+    {
+        let _ = sink_serve(&mut stream, false, &counted).await;
+    }
+}
+
+enum SinkNext {
+    Closed,
+    StartTls,
+}
+
+/// Serves commands until QUIT, end of stream or STARTTLS (when `offer_tls`).
+/// Replies to everything that arrived in one read go out in one write.
+async fn sink_serve<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    offer_tls: bool,
+    counted: &Mutex<Counted>,
+) -> std::io::Result<SinkNext> {
+    let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
+    let mut out: Vec<u8> = Vec::with_capacity(1024);
+    // Unprocessed input starts at `start`; in DATA, the search for CRLF.CRLF
+    // resumes at `from` (which starts at the CRLF ending the DATA line).
+    let (mut start, mut from, mut in_data) = (0, 0, false);
+    loop {
+        loop {
+            if in_data {
+                match find_end_of_data(&buf[from..]) {
+                    Some(end) => {
+                        start = from + end;
+                        in_data = false;
+                        let mut c = counted.lock().expect("sink lock");
+                        c.messages += 1;
+                        c.last = Some(Instant::now());
+                        drop(c);
+                        out.extend_from_slice(b"250 2.0.0 Ok: queued\r\n");
+                    }
+                    None => {
+                        // The content is not kept: only the bytes that could
+                        // begin the terminator.
+                        start = buf.len();
+                        from = buf.len().saturating_sub(4).max(from);
+                        break;
+                    }
+                }
+            } else {
+                let Some(nl) = buf[start..].iter().position(|&b| b == b'\n') else {
+                    break;
+                };
+                let line = &buf[start..start + nl + 1];
+                start += nl + 1;
+                let verb = line.get(..4).unwrap_or(line).to_ascii_uppercase();
+                match &verb[..] {
+                    b"EHLO" => {
+                        out.extend_from_slice(b"250-sink.bench\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-ENHANCEDSTATUSCODES\r\n250-SIZE 52428800\r\n");
+                        if offer_tls {
+                            out.extend_from_slice(b"250-STARTTLS\r\n");
+                        }
+                        out.extend_from_slice(b"250 SMTPUTF8\r\n");
+                    }
+                    b"HELO" => out.extend_from_slice(b"250 sink.bench\r\n"),
+                    b"MAIL" => out.extend_from_slice(b"250 2.1.0 Ok\r\n"),
+                    b"RCPT" => out.extend_from_slice(b"250 2.1.5 Ok\r\n"),
+                    b"DATA" => {
+                        out.extend_from_slice(b"354 End data with <CR><LF>.<CR><LF>\r\n");
+                        in_data = true;
+                        from = start - 2;
+                    }
+                    b"RSET" | b"NOOP" => out.extend_from_slice(b"250 2.0.0 Ok\r\n"),
+                    b"QUIT" => {
+                        out.extend_from_slice(b"221 2.0.0 Bye\r\n");
+                        s.write_all(&out).await?;
+                        s.flush().await?;
+                        return Ok(SinkNext::Closed);
+                    }
+                    b"STAR" if offer_tls => {
+                        out.extend_from_slice(b"220 2.0.0 Ready\r\n");
+                        s.write_all(&out).await?;
+                        s.flush().await?;
+                        return Ok(SinkNext::StartTls);
+                    }
+                    _ => out.extend_from_slice(b"500 5.5.1 command not recognized\r\n"),
+                }
+            }
+        }
+        if !out.is_empty() {
+            s.write_all(&out).await?;
+            s.flush().await?;
+            out.clear();
+        }
+        let keep = if in_data { from } else { start };
+        buf.drain(..keep);
+        start -= keep;
+        from -= keep.min(from);
+        if buf.capacity() - buf.len() < 16 * 1024 {
+            buf.reserve(64 * 1024);
+        }
+        if s.read_buf(&mut buf).await? == 0 {
+            return Ok(SinkNext::Closed);
+        }
+    }
+}
+
+/// Just past the CRLF.CRLF in `hay`, which starts at a CRLF.
+fn find_end_of_data(hay: &[u8]) -> Option<usize> {
+    let mut i = 0;
+    while let Some(p) = hay[i..].iter().position(|&b| b == b'.') {
+        let dot = i + p;
+        if dot >= 2 && &hay[dot - 2..dot] == b"\r\n" && hay.get(dot + 1..dot + 3) == Some(b"\r\n") {
+            return Some(dot + 3);
+        }
+        i = dot + 1;
+    }
+    None
 }
