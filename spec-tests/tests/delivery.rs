@@ -753,3 +753,55 @@ fn several_egress_addresses_take_turns() {
         ]
     );
 }
+
+#[test]
+fn a_clean_stop_leaves_waiting_mail_untouched_in_the_queue() {
+    // SIGTERM semantics: the transaction under way finishes; messages
+    // still waiting for a connection go back to the queue as they were (no
+    // attempt counted, nothing sent twice), and nothing is lost.
+    let (port, s) = sinks(vec![Some(SinkConfig {
+        reply_delay: Duration::from_millis(300),
+        ..Default::default()
+    })]);
+    let dns = DnsServer::start(&[("dest.test", &one_mx("127.0.0.2"))]);
+    let mut server = mta(&dns, port, "max_connections_per_destination = 1\n");
+    let ids: Vec<String> = (0..6)
+        .map(|i| {
+            submit(
+                &server,
+                "news@sender.test",
+                &[&format!("r{i}@dest.test")],
+                &message("news@sender.test", "r@dest.test", "stop"),
+            )
+        })
+        .collect();
+    server.stop();
+    let records = spec_tests::server::read_log(server.data_dir());
+    let delivered: Vec<&str> = records
+        .iter()
+        .filter(|r| r.kind() == "Delivery")
+        .filter_map(|r| r.queue_id())
+        .collect();
+    assert!(
+        !records.iter().any(|r| r.kind() == "TransientFailure"),
+        "an interrupted message was counted as an attempt: {records:#?}"
+    );
+    assert!(
+        delivered.len() < ids.len(),
+        "the stop came too late to test"
+    );
+    let q = queue::Queue::open_for_inspection(&mta::daemon::queue_path(server.data_dir())).unwrap();
+    let left: Vec<queue::MessageRecord> = q.records().map(|r| r.unwrap()).collect();
+    assert_eq!(
+        left.len() + delivered.len(),
+        ids.len(),
+        "every message delivered or queued"
+    );
+    assert!(
+        left.iter()
+            .all(|m| m.recipients.iter().all(|r| r.attempts == 0)),
+        "{left:#?}"
+    );
+    let got = s[0].as_ref().unwrap().messages();
+    assert_eq!(got.len(), delivered.len(), "sent exactly what was logged");
+}

@@ -290,17 +290,9 @@ impl Delivery {
                         out.push((i, result, via.clone()));
                     }
                 }
-                Err(_) => {
-                    let f = Failure::temporary(
-                        Scope::Session,
-                        Status(4, 3, 2),
-                        "delivery was interrupted (shutting down)",
-                    );
-                    out.extend(
-                        idxs.into_iter()
-                            .map(|i| (i, RcptResult::Failed(f.clone()), Via::default())),
-                    );
-                }
+                // Dropped unsent at shutdown: no attempt was made, so none
+                // is recorded; these recipients stay as they were.
+                Err(_) => {}
             }
         }
         out
@@ -369,6 +361,11 @@ impl Delivery {
         rec: MessageRecord,
         results: Vec<(usize, RcptResult, Via)>,
     ) {
+        if results.is_empty() {
+            // Nothing was attempted (shutdown): the claim goes back as it was.
+            drop(claim);
+            return;
+        }
         let now = self.clock.now();
         let now_ms = millis(now);
         let d = &self.settings.delivery;
@@ -669,6 +666,10 @@ impl Delivery {
                 self.close(c).await;
             }
             if self.stopping.load(Ordering::SeqCst) {
+                // Jobs still waiting are dropped unsent: their messages go
+                // back to the schedule untouched, so a clean stop neither
+                // waits for them nor sends anything twice.
+                drop(dest.drain());
                 dest.retire();
                 if let Some((c, _)) = conn.take() {
                     self.close(c).await;
