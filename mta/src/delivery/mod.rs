@@ -280,19 +280,16 @@ impl Delivery {
         }
         let mut out = Vec::with_capacity(due.len());
         for (idxs, rx) in pending {
-            match rx.await {
-                Ok(r) => {
-                    let via = Via {
-                        conn: r.conn,
-                        last_host: r.last_host,
-                    };
-                    for (i, result) in idxs.into_iter().zip(r.results) {
-                        out.push((i, result, via.clone()));
-                    }
+            // A job dropped unsent at shutdown made no attempt, so none is
+            // recorded: its recipients stay as they were.
+            if let Ok(r) = rx.await {
+                let via = Via {
+                    conn: r.conn,
+                    last_host: r.last_host,
+                };
+                for (i, result) in idxs.into_iter().zip(r.results) {
+                    out.push((i, result, via.clone()));
                 }
-                // Dropped unsent at shutdown: no attempt was made, so none
-                // is recorded; these recipients stay as they were.
-                Err(_) => {}
             }
         }
         out
