@@ -39,8 +39,20 @@ fi
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# The unit file, where systemd's tools are installed (ExecStart pointed at
+# the binary just built, since /usr/bin/mta need not exist here).
+if command -v systemd-analyze >/dev/null 2>&1; then
+  cargo build -p mta --locked --quiet
+  unit_dir=$(mktemp -d)
+  sed "s#/usr/bin/mta#$PWD/target/debug/mta#g" systemd/mta.service > "$unit_dir/mta.service"
+  systemd-analyze verify "$unit_dir/mta.service"
+  rm -rf "$unit_dir"
+  echo "systemd-analyze verify systemd/mta.service: ok"
+fi
+
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --locked --no-fail-fast
 else
   cargo test --workspace --locked --no-fail-fast
 fi
+

@@ -16,6 +16,7 @@ use queue::{Filter, MessageRecord, MessageState, Queue, QueueId, SummaryBy};
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::daemon::{Daemon, queue_path};
+use crate::notify::{Notifier, watchdog_interval};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -301,9 +302,39 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             tracing::info!("SMTP over implicit TLS on {a}");
         }
         tracing::info!(data_dir = %config.data_dir.display(), "mta is running; stop it with Ctrl-C or SIGTERM");
+        // Under systemd (Type=notify): ready now that the queue is
+        // recovered and the listeners are bound.
+        let notifier = Notifier::from_env();
+        notifier.send(&format!(
+            "READY=1\nMAINPID={}\nSTATUS=accepting mail on {:?}",
+            std::process::id(),
+            daemon.smtp_addrs
+        ));
+        let watchdog = watchdog_interval().map(|every| {
+            let (notifier, queue) = (notifier.clone(), daemon.queue().clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    // A failed store is not healthy: without keep-alives
+                    // systemd restarts the daemon, which recovers the queue.
+                    if !queue.is_failed() {
+                        notifier.send("WATCHDOG=1");
+                    }
+                }
+            })
+        });
         let config_path = args.config.clone();
-        wait_for_signal(|| reload(&daemon, config_path.as_deref())).await?;
+        wait_for_signal(|| async {
+            notifier.send("RELOADING=1");
+            reload(&daemon, config_path.as_deref()).await;
+            notifier.send("READY=1");
+        })
+        .await?;
         tracing::info!("shutting down");
+        notifier.send("STOPPING=1");
+        if let Some(w) = watchdog {
+            w.abort();
+        }
         daemon.shutdown(Duration::from_secs(30)).await;
         anyhow::Ok(())
     })?;

@@ -28,7 +28,8 @@
 //! - [`log`]: the transaction log schema, writer and reader.
 //! - [`metrics`]: Prometheus metrics and `/metrics`.
 //! - [`dns`]: the resolver.
-//! - [`config`], [`tls`], [`stream`], [`clock`], [`daemon`], [`cli`], [`dkim_cli`].
+//! - [`config`], [`tls`], [`stream`], [`clock`], [`daemon`], [`notify`]
+//!   (systemd readiness and watchdog), [`cli`], [`dkim_cli`], [`spf_cli`].
 //!
 //! Trust boundary: everything a client sends is untrusted and passes
 //! through `smtp` and `policy` before anything is stored; what MX hosts and
@@ -46,6 +47,7 @@ pub mod dmarc;
 pub mod dns;
 pub mod log;
 pub mod metrics;
+pub mod notify;
 pub mod policy;
 pub mod reception;
 pub mod server;

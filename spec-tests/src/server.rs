@@ -235,6 +235,12 @@ impl DaemonProcess {
     /// Starts `spec-mta serve --config <dir>/mta.toml` with `toml` (whose
     /// `[smtp] listen` and `data_dir` this sets) and waits until it accepts.
     pub fn start(dir: &Path, toml: &str) -> DaemonProcess {
+        Self::start_with_env(dir, toml, &[])
+    }
+
+    /// [`DaemonProcess::start`] with extra environment variables (e.g.
+    /// systemd's `NOTIFY_SOCKET`).
+    pub fn start_with_env(dir: &Path, toml: &str, env: &[(&str, &str)]) -> DaemonProcess {
         let port = free_port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let data_dir = dir.join("data");
@@ -270,6 +276,7 @@ impl DaemonProcess {
             .arg("serve")
             .arg("--config")
             .arg(&config_path)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&stderr_path).unwrap())

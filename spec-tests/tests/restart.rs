@@ -228,3 +228,50 @@ fn kill_9_while_delivering_loses_nothing_that_got_250() {
     let duplicates = delivered - accepted.len();
     assert!(duplicates <= 3 * 100, "{duplicates} duplicates");
 }
+
+#[test]
+fn systemd_hears_ready_watchdog_reloading_and_stopping() {
+    // sd_notify(3) over $NOTIFY_SOCKET, as Type=notify with WatchdogSec=
+    // runs the daemon: READY once it accepts, keep-alives at half the
+    // watchdog interval, RELOADING/READY around SIGHUP, STOPPING on SIGTERM.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let d = DaemonProcess::start_with_env(
+        dir.path(),
+        "",
+        &[
+            ("NOTIFY_SOCKET", path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "400000"),
+        ],
+    );
+    let mut heard = Vec::new();
+    let next = |heard: &mut Vec<String>| {
+        let mut buf = [0u8; 512];
+        let n = sock.recv(&mut buf).expect("a notification");
+        let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+        heard.push(msg.clone());
+        msg
+    };
+    let ready = next(&mut heard);
+    assert!(ready.starts_with("READY=1\n"), "{ready}");
+    assert!(
+        ready.contains(&format!("MAINPID={}", d.child.id())),
+        "{ready}"
+    );
+    // The daemon accepts mail once it said READY.
+    assert_eq!(Client::connect(d.addr).greeting.code, 220);
+    while next(&mut heard) != "WATCHDOG=1" {}
+    // SAFETY: kill(2) on our own child; no memory is involved.
+    assert_eq!(
+        unsafe { libc::kill(d.child.id() as libc::pid_t, libc::SIGHUP) },
+        0
+    );
+    while next(&mut heard) != "RELOADING=1" {}
+    while next(&mut heard) != "READY=1" {}
+    let status = d.terminate();
+    assert!(status.success(), "{status}");
+    while next(&mut heard) != "STOPPING=1" {}
+}
