@@ -435,13 +435,20 @@ pub struct DnsConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
-    /// Days to keep transaction log files. Default 30.
+    /// Days to keep transaction log files (checked hourly; 0 keeps them
+    /// forever). Default 30.
     pub retention_days: u32,
+    /// A day's file is cut into parts of this size, in MiB (0: one file per
+    /// day). Default 256.
+    pub max_file_mb: u64,
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
-        LogConfig { retention_days: 30 }
+        LogConfig {
+            retention_days: 30,
+            max_file_mb: 256,
+        }
     }
 }
 

@@ -57,6 +57,9 @@ pub enum StartError {
     },
 }
 
+/// How often transaction log retention is applied.
+const RETENTION_INTERVAL: Duration = Duration::from_secs(3600);
+
 /// How often the queue's content segments are compacted.
 const COMPACTION_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -254,7 +257,10 @@ impl Daemon {
             corrupt = recovery.corrupt.len(),
             "queue recovered"
         );
-        let (log, log_guard) = TransactionLog::open(&log_path(&data_dir))?;
+        let (log, log_guard) = TransactionLog::open_with(
+            &log_path(&data_dir),
+            config.log.max_file_mb.saturating_mul(1024 * 1024),
+        )?;
 
         let certificate = match (&config.smtp.tls_certificate, &config.smtp.tls_private_key) {
             (Some(c), Some(k)) => CertSource {
@@ -404,6 +410,35 @@ impl Daemon {
                             tracing::warn!(error = %e, "queue compaction failed; retried later")
                         }
                         Err(e) => tracing::error!(error = %e, "queue compaction panicked"),
+                    }
+                }
+            }));
+        }
+        // Retention: whole days of transaction log older than
+        // retention_days go, checked at start and hourly.
+        if config.log.retention_days > 0 {
+            let dir = log_path(&data_dir);
+            let days = config.log.retention_days;
+            let clock = receiver.clock.clone();
+            let mut stop = shutdown_rx.clone();
+            acceptors.push(tokio::spawn(async move {
+                loop {
+                    let today = time::OffsetDateTime::from(clock.now()).date();
+                    let cutoff = today - time::Duration::days(days.into());
+                    let dir = dir.clone();
+                    match tokio::task::spawn_blocking(move || crate::log::remove_before(&dir, cutoff)).await {
+                        Ok(Ok(removed)) if !removed.is_empty() => tracing::info!(
+                            files = removed.len(),
+                            before = %cutoff,
+                            "transaction log files past retention_days removed"
+                        ),
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => tracing::warn!(error = %e, "cannot apply the log retention; retried in an hour"),
+                        Err(e) => tracing::error!(error = %e, "log retention panicked"),
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(RETENTION_INTERVAL) => {}
+                        _ = stop.wait_for(|&s| s) => return,
                     }
                 }
             }));

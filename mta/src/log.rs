@@ -369,20 +369,74 @@ impl Drop for LogWriterGuard {
     }
 }
 
+/// Files are cut at this size unless configured otherwise (`[log] max_file_mb`).
+pub const DEFAULT_MAX_FILE_BYTES: u64 = 256 * 1024 * 1024;
+
 /// The name of the file for records of this day.
 pub fn file_name(day: time::Date) -> String {
-    format!(
-        "transactions-{:04}-{:02}-{:02}.jsonl",
+    part_name(day, 0)
+}
+
+/// The name of part `part` of a day: the day's first file, then
+/// `transactions-YYYY-MM-DD.1.jsonl`, `.2.jsonl`, … once one is full.
+pub fn part_name(day: time::Date, part: u32) -> String {
+    let base = format!(
+        "transactions-{:04}-{:02}-{:02}",
         day.year(),
         u8::from(day.month()),
         day.day()
-    )
+    );
+    if part == 0 {
+        format!("{base}.jsonl")
+    } else {
+        format!("{base}.{part}.jsonl")
+    }
+}
+
+/// The day and part a log file name stands for.
+pub fn parse_name(name: &str) -> Option<(time::Date, u32)> {
+    let rest = name.strip_prefix("transactions-")?.strip_suffix(".jsonl")?;
+    let (date, part) = match rest.split_once('.') {
+        Some((d, p)) => (d, p.parse().ok()?),
+        None => (rest, 0),
+    };
+    let format = time::macros::format_description!("[year]-[month]-[day]");
+    Some((time::Date::parse(date, format).ok()?, part))
+}
+
+/// Removes the log files of days before `before`; the paths removed.
+/// Retention (`[log] retention_days`) calls it hourly.
+pub fn remove_before(dir: &Path, before: time::Date) -> std::io::Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let day = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(parse_name)
+            .map(|(d, _)| d);
+        if day.is_some_and(|d| d < before) {
+            std::fs::remove_file(&path)?;
+            removed.push(path);
+        }
+    }
+    removed.sort();
+    Ok(removed)
 }
 
 impl TransactionLog {
     /// Starts the writer on `dir` (created if missing). Dropping the guard
     /// stops it.
     pub fn open(dir: &Path) -> Result<(TransactionLog, LogWriterGuard), LogError> {
+        Self::open_with(dir, DEFAULT_MAX_FILE_BYTES)
+    }
+
+    /// [`TransactionLog::open`] with files cut at `max_file_bytes` (0: one
+    /// file per day whatever its size).
+    pub fn open_with(
+        dir: &Path,
+        max_file_bytes: u64,
+    ) -> Result<(TransactionLog, LogWriterGuard), LogError> {
         std::fs::create_dir_all(dir).map_err(|source| LogError::Open {
             dir: dir.to_path_buf(),
             source,
@@ -399,7 +453,7 @@ impl TransactionLog {
         let dir = dir.to_path_buf();
         let thread = thread::Builder::new()
             .name("transaction-log".into())
-            .spawn(move || writer(dir, rx))
+            .spawn(move || writer(dir, max_file_bytes, rx))
             .expect("spawning the log writer");
         Ok((
             TransactionLog { tx: tx.clone() },
@@ -439,47 +493,100 @@ impl TransactionLog {
 /// The open file of the current day, and a reused line buffer.
 struct Files {
     dir: PathBuf,
-    current: Option<(time::Date, BufWriter<File>)>,
+    /// Cut a file at this size (0: never).
+    max_bytes: u64,
+    current: Option<Current>,
     line: Vec<u8>,
 }
 
+/// The file being appended to.
+struct Current {
+    day: time::Date,
+    part: u32,
+    bytes: u64,
+    file: BufWriter<File>,
+}
+
 impl Files {
-    fn append(&mut self, record: &Record) {
-        let day = record.timestamp().to_offset(time::UtcOffset::UTC).date();
-        if self.current.as_ref().is_none_or(|(d, _)| *d != day) {
-            self.flush();
-            let path = self.dir.join(file_name(day));
-            self.current = match OpenOptions::new().create(true).append(true).open(&path) {
-                Ok(f) => Some((day, BufWriter::with_capacity(64 * 1024, f))),
-                Err(e) => {
-                    tracing::error!(path = %path.display(), error = %e, "cannot open transaction log file");
-                    None
+    /// The last part of `day` already on disk and its size (after a
+    /// restart, appending goes on where it stopped).
+    fn last_part(&self, day: time::Date) -> (u32, u64) {
+        let mut last = (0, 0);
+        if let Ok(entries) = std::fs::read_dir(&self.dir) {
+            for e in entries.flatten() {
+                let Some((d, part)) = e.file_name().to_str().and_then(parse_name) else {
+                    continue;
+                };
+                if d == day && part >= last.0 {
+                    last = (part, e.metadata().map_or(0, |m| m.len()));
                 }
-            };
+            }
         }
+        last
+    }
+
+    fn open(&mut self, day: time::Date, part: u32, bytes: u64) {
+        self.flush();
+        let path = self.dir.join(part_name(day, part));
+        self.current = match OpenOptions::new().create(true).append(true).open(&path) {
+            Ok(f) => Some(Current {
+                day,
+                part,
+                bytes,
+                file: BufWriter::with_capacity(64 * 1024, f),
+            }),
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "cannot open transaction log file");
+                None
+            }
+        };
+    }
+
+    fn append(&mut self, record: &Record) {
         self.line.clear();
-        if serde_json::to_writer(&mut self.line, record).is_ok() {
-            self.line.push(b'\n');
-            if let Some((_, w)) = self.current.as_mut()
-                && let Err(e) = w.write_all(&self.line)
-            {
-                tracing::error!(error = %e, "cannot write the transaction log");
+        if serde_json::to_writer(&mut self.line, record).is_err() {
+            return;
+        }
+        self.line.push(b'\n');
+        let day = record.timestamp().to_offset(time::UtcOffset::UTC).date();
+        let len = self.line.len() as u64;
+        match &self.current {
+            Some(c) if c.day == day => {
+                if self.max_bytes > 0 && c.bytes > 0 && c.bytes + len > self.max_bytes {
+                    let next = c.part + 1;
+                    self.open(day, next, 0);
+                }
+            }
+            _ => {
+                let (part, bytes) = self.last_part(day);
+                if self.max_bytes > 0 && bytes > 0 && bytes + len > self.max_bytes {
+                    self.open(day, part + 1, 0);
+                } else {
+                    self.open(day, part, bytes);
+                }
+            }
+        }
+        if let Some(c) = self.current.as_mut() {
+            match c.file.write_all(&self.line) {
+                Ok(()) => c.bytes += len,
+                Err(e) => tracing::error!(error = %e, "cannot write the transaction log"),
             }
         }
     }
 
     fn flush(&mut self) {
-        if let Some((_, w)) = self.current.as_mut()
-            && let Err(e) = w.flush()
+        if let Some(c) = self.current.as_mut()
+            && let Err(e) = c.file.flush()
         {
             tracing::error!(error = %e, "cannot write the transaction log");
         }
     }
 }
 
-fn writer(dir: PathBuf, rx: mpsc::Receiver<Msg>) {
+fn writer(dir: PathBuf, max_bytes: u64, rx: mpsc::Receiver<Msg>) {
     let mut files = Files {
         dir,
+        max_bytes,
         current: None,
         line: Vec::with_capacity(1024),
     };
@@ -526,7 +633,14 @@ pub fn read_dir(dir: &Path) -> Result<Vec<Record>, LogError> {
             });
         }
     };
-    files.sort();
+    // By day, then part: the names do not sort that way as text.
+    files.sort_by_key(|p| {
+        p.file_name()
+            .and_then(|n| n.to_str())
+            .and_then(parse_name)
+            .map(|(d, part)| (Some(d), part, String::new()))
+            .unwrap_or_else(|| (None, 0, p.display().to_string()))
+    });
     let mut out = Vec::new();
     for path in files {
         let f = File::open(&path).map_err(|source| LogError::Read {
@@ -630,6 +744,68 @@ mod tests {
         assert!(dir.path().join("transactions-2026-11-22.jsonl").exists());
         drop(log);
         drop(guard);
+    }
+
+    #[test]
+    fn files_are_cut_at_their_size_and_read_back_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, guard) = TransactionLog::open_with(dir.path(), 1200).unwrap();
+        let ids: Vec<String> = (0..12).map(|i| format!("M{i:02}")).collect();
+        for id in &ids {
+            log.write(reception("2026-11-22T10:00:00Z", id));
+        }
+        log.flush();
+        drop(log);
+        drop(guard);
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert!(names.len() >= 3, "{names:?}");
+        assert!(names.contains(&"transactions-2026-11-22.jsonl".to_string()));
+        assert!(names.contains(&"transactions-2026-11-22.2.jsonl".to_string()));
+        for n in &names {
+            let len = std::fs::metadata(dir.path().join(n)).unwrap().len();
+            assert!(len <= 1200, "{n}: {len}");
+        }
+        // A restart appends to the last part, and the reader keeps order.
+        let (log, guard) = TransactionLog::open_with(dir.path(), 1200).unwrap();
+        log.write(reception("2026-11-22T11:00:00Z", "LAST"));
+        log.flush();
+        drop(log);
+        drop(guard);
+        let read: Vec<String> = read_dir(dir.path())
+            .unwrap()
+            .iter()
+            .map(|r| r.queue_id().unwrap().to_string())
+            .collect();
+        let mut want = ids.clone();
+        want.push("LAST".into());
+        assert_eq!(read, want);
+    }
+
+    #[test]
+    fn retention_removes_whole_days_before_the_cutoff() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in [
+            "transactions-2026-11-20.jsonl",
+            "transactions-2026-11-20.1.jsonl",
+            "transactions-2026-11-21.jsonl",
+            "notes.txt",
+        ] {
+            std::fs::write(dir.path().join(name), "").unwrap();
+        }
+        let cutoff = time::macros::date!(2026 - 11 - 21);
+        let removed = remove_before(dir.path(), cutoff).unwrap();
+        assert_eq!(removed.len(), 2);
+        assert!(dir.path().join("transactions-2026-11-21.jsonl").exists());
+        assert!(dir.path().join("notes.txt").exists());
+        assert_eq!(
+            parse_name("transactions-2026-11-21.3.jsonl"),
+            Some((cutoff, 3))
+        );
+        assert_eq!(parse_name("transactions-x.jsonl"), None);
     }
 
     #[test]
