@@ -805,3 +805,26 @@ fn a_clean_stop_leaves_waiting_mail_untouched_in_the_queue() {
     let got = s[0].as_ref().unwrap().messages();
     assert_eq!(got.len(), delivered.len(), "sent exactly what was logged");
 }
+
+#[test]
+fn idle_destinations_are_forgotten() {
+    // One entry per destination only while it has work or connections:
+    // a platform sending to millions of domains keeps no entry for each.
+    let (port, _s) = sinks(vec![Some(SinkConfig::default())]);
+    let dns = DnsServer::start(&[
+        ("one.test", &one_mx("127.0.0.2")),
+        ("two.test", &one_mx("127.0.0.2")),
+    ]);
+    let server = mta(&dns, port, "idle_timeout = \"200ms\"\n");
+    let id = submit(
+        &server,
+        "news@sender.test",
+        &["a@one.test", "b@two.test"],
+        &message("news@sender.test", "a@one.test", "idle"),
+    );
+    first(&server, &id, "Delivery", "a@one.test");
+    first(&server, &id, "Delivery", "b@two.test");
+    spec_tests::server::eventually("idle destinations to be forgotten", || {
+        (server.daemon().delivery().destinations() == 0).then_some(())
+    });
+}

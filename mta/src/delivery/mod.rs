@@ -677,6 +677,23 @@ impl Delivery {
         if let Some((c, _)) = conn.take() {
             self.close(c).await;
         }
+        self.forget_if_idle(&dest);
+    }
+
+    /// Removes an idle destination (no jobs, no workers) from the map, so
+    /// that sending to millions of domains over time does not keep an entry
+    /// for each. A job pushed meanwhile through an old handle still starts
+    /// its own worker there.
+    fn forget_if_idle(&self, dest: &Arc<Destination>) {
+        let mut map = self.destinations.lock().expect("destinations lock");
+        if dest.load() == (0, 0) && map.get(&dest.key).is_some_and(|d| Arc::ptr_eq(d, dest)) {
+            map.remove(&dest.key);
+        }
+    }
+
+    /// Destinations with queued jobs or open workers, for tests and metrics.
+    pub fn destinations(&self) -> usize {
+        self.destinations.lock().expect("destinations lock").len()
     }
 
     async fn close(&self, c: Connection) {
