@@ -804,6 +804,9 @@ impl Delivery {
 
     fn handshake_failed(&self, host: &str) {
         let mut map = self.handshake_failures.lock().expect("handshake lock");
+        if map.len() >= 10_000 {
+            map.retain(|_, (_, since)| since.elapsed() <= HANDSHAKE_MEMORY);
+        }
         let e = map.entry(host.to_string()).or_insert((0, Instant::now()));
         e.0 += 1;
         if e.0 == self.settings.delivery.tls_fallback_after {

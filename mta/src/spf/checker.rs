@@ -22,6 +22,8 @@ use crate::log::{Record, SpfChange, TransactionLog};
 use crate::metrics::Metrics;
 use crate::smtp::{Reply, Status};
 
+/// Pairs cached before expired ones are dropped.
+const MAX_CACHED: usize = 50_000;
 /// Envelope sender domains remembered for periodic refreshes.
 const MAX_SEEN: usize = 10_000;
 /// How long a temperror is kept before asking again.
@@ -165,7 +167,13 @@ impl SpfChecker {
                 .min(self.interval),
         };
         self.note(&domain, &e);
-        self.cache.lock().expect("spf cache").insert(
+        let mut cache = self.cache.lock().expect("spf cache");
+        if cache.len() >= MAX_CACHED {
+            // Bounded whatever senders relay clients use: expired first.
+            let now = Instant::now();
+            cache.retain(|_, c| c.until > now);
+        }
+        cache.insert(
             (domain, source.ip),
             Cached {
                 evaluation: e.clone(),
@@ -187,11 +195,14 @@ impl SpfChecker {
     /// last one, and the gauge.
     fn note(&self, domain: &str, e: &Evaluation) {
         let ip = e.ip;
-        let previous = self
-            .known
-            .lock()
-            .expect("spf known")
-            .insert((domain.to_string(), ip), e.result);
+        let previous = {
+            let mut known = self.known.lock().expect("spf known");
+            if known.len() >= MAX_CACHED {
+                // Keep the configured domains' history; seen ones start over.
+                known.retain(|(d, _), _| self.domains.contains(d));
+            }
+            known.insert((domain.to_string(), ip), e.result)
+        };
         if previous == Some(e.result) {
             return;
         }
