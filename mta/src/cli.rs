@@ -1,5 +1,6 @@
 //! The `mta` command line: `serve`, `config check`, `user hash`, and the
-//! offline queue inspection commands.
+//! queue commands (through the running daemon's admin socket, or with
+//! `--offline` from a stopped daemon's store).
 //!
 //! Exit codes: 0 success, 1 error, 2 usage (clap's own).
 
@@ -11,7 +12,10 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use queue::{Filter, MessageRecord, MessageState, Queue, QueueId, SummaryBy};
+use queue::{Queue, QueueId, SummaryBy};
+
+use crate::admin::api::{Action, ListQuery, MessageView, Route, SummaryView};
+use crate::admin::{AdminClient, ClientError};
 
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
@@ -40,7 +44,7 @@ pub enum Command {
     /// Manage SMTP AUTH users.
     #[command(subcommand)]
     User(UserCommand),
-    /// Inspect the queue.
+    /// Inspect and steer the queue (through the running daemon, or --offline).
     #[command(subcommand)]
     Queue(QueueCommand),
     /// Manage DKIM keys: generate, show the DNS record, check DNS, list.
@@ -161,18 +165,26 @@ pub enum UserCommand {
     Hash,
 }
 
-/// Where the store is.
+/// Which daemon (its data directory, where the admin socket is).
 #[derive(Debug, Args)]
-pub struct StoreArgs {
+pub struct DaemonArgs {
     /// Read the data directory named in this config file.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// The data directory; default ./mta-data (or the config's).
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Read the store directly. Only while the daemon is stopped; reaching
-    /// a running daemon needs the admin API, which is not built yet.
-    #[arg(long, required = true)]
+}
+
+/// Where the queue is: the running daemon's admin socket, or with
+/// `--offline` the store itself.
+#[derive(Debug, Args)]
+pub struct StoreArgs {
+    #[command(flatten)]
+    pub daemon: DaemonArgs,
+    /// Read the store directly instead of asking the running daemon. Only
+    /// while the daemon is stopped (for recovery).
+    #[arg(long)]
     pub offline: bool,
 }
 
@@ -232,6 +244,24 @@ pub enum QueueCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Hold a message: it is not attempted until released (running daemon).
+    Hold(ChangeArgs),
+    /// Release a held message (running daemon).
+    Release(ChangeArgs),
+    /// Make every pending recipient of a message due now (running daemon).
+    Retry(ChangeArgs),
+    /// Remove a message from the queue, without a DSN (running daemon).
+    Delete(ChangeArgs),
+}
+
+/// A change to one message, through the running daemon.
+#[derive(Debug, Args)]
+pub struct ChangeArgs {
+    #[command(flatten)]
+    pub daemon: DaemonArgs,
+    pub id: String,
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// The whole program: logging to stderr (`MTA_LOG` sets the filter, default
@@ -417,9 +447,19 @@ fn user_hash() -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn data_dir(daemon: &DaemonArgs) -> anyhow::Result<PathBuf> {
+    let config = load_config(daemon.config.as_deref())?;
+    Ok(daemon.data_dir.clone().unwrap_or(config.data_dir))
+}
+
+fn admin_client(daemon: &DaemonArgs) -> anyhow::Result<AdminClient> {
+    Ok(AdminClient::new(crate::admin::socket_path(&data_dir(
+        daemon,
+    )?)))
+}
+
 fn open_store(store: &StoreArgs) -> anyhow::Result<Queue> {
-    let config = load_config(store.config.as_deref())?;
-    let data_dir = store.data_dir.clone().unwrap_or(config.data_dir);
+    let data_dir = data_dir(&store.daemon)?;
     let path = queue_path(&data_dir);
     if !path.exists() {
         bail!(
@@ -450,28 +490,6 @@ fn age(received_ms: u64) -> String {
     }
 }
 
-fn record_json(rec: &MessageRecord) -> serde_json::Value {
-    serde_json::json!({
-        "id": rec.id.to_string(),
-        "received": time::OffsetDateTime::from_unix_timestamp_nanos(rec.received_ms as i128 * 1_000_000)
-            .ok()
-            .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok()),
-        "state": rec.state().as_str(),
-        "tenant": rec.tenant,
-        "sender": rec.sender,
-        "size": rec.size,
-        "peer_ip": rec.submission.peer_ip,
-        "auth_user": rec.submission.auth_user,
-        "message_id": rec.submission.message_id,
-        "recipients": rec.recipients.iter().map(|r| serde_json::json!({
-            "address": r.address,
-            "state": r.state.as_str(),
-            "attempts": r.attempts,
-            "last_reply": r.last_reply,
-        })).collect::<Vec<_>>(),
-    })
-}
-
 /// Prints rows as a table with aligned columns.
 pub(crate) fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
@@ -500,6 +518,170 @@ pub(crate) fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
+fn state_name(s: StateArg) -> &'static str {
+    match s {
+        StateArg::Queued => "queued",
+        StateArg::Deferred => "deferred",
+        StateArg::Held => "held",
+    }
+}
+
+fn summary_by(by: ByArg) -> SummaryBy {
+    match by {
+        ByArg::Domain => SummaryBy::Domain,
+        ByArg::Tenant => SummaryBy::Tenant,
+    }
+}
+
+fn parse_id(id: &str) -> anyhow::Result<QueueId> {
+    Ok(id.parse()?)
+}
+
+fn no_message(id: QueueId) -> anyhow::Error {
+    anyhow::anyhow!(
+        "no message {id} in the queue: it may have been delivered; see `mta queue list`"
+    )
+}
+
+/// An admin API call, with "no such message" said the way offline mode says it.
+fn call<T: serde::de::DeserializeOwned>(
+    client: &AdminClient,
+    route: &Route,
+    id: Option<QueueId>,
+) -> anyhow::Result<T> {
+    client.call(route).map_err(|e| match (e, id) {
+        (ClientError::Api { status: 404, .. }, Some(id)) => no_message(id),
+        (e, _) => e.into(),
+    })
+}
+
+fn write_json(out: &mut impl Write, v: &impl serde::Serialize) -> anyhow::Result<()> {
+    serde_json::to_writer_pretty(&mut *out, v)?;
+    writeln!(out)?;
+    Ok(())
+}
+
+/// `queue list`: the table, or `--json` (an array of [`MessageView`]).
+fn render_list(out: &mut impl Write, views: &[MessageView], json: bool) -> anyhow::Result<()> {
+    if json {
+        // Through a JSON value, as offline mode always printed it.
+        return write_json(out, &serde_json::to_value(views)?);
+    }
+    let rows: Vec<Vec<String>> = views
+        .iter()
+        .map(|r| {
+            vec![
+                r.id.clone(),
+                r.received_ms().map(age).unwrap_or_else(|| "?".into()),
+                r.state.clone(),
+                r.tenant.clone().unwrap_or_else(|| "-".into()),
+                r.size.to_string(),
+                if r.sender.is_empty() {
+                    "<>".into()
+                } else {
+                    r.sender.clone()
+                },
+                r.pending().count().to_string(),
+            ]
+        })
+        .collect();
+    write!(
+        out,
+        "{}",
+        table(
+            &["ID", "AGE", "STATE", "TENANT", "SIZE", "SENDER", "RCPTS"],
+            &rows
+        )
+    )?;
+    writeln!(out, "{} message(s)", views.len())?;
+    Ok(())
+}
+
+/// `queue show` (and the answer to a change): envelope, recipients, and
+/// the headers or message when the view carries them.
+fn render_show(out: &mut impl Write, v: &MessageView, json: bool) -> anyhow::Result<()> {
+    if json {
+        return write_json(out, &serde_json::to_value(v)?);
+    }
+    writeln!(out, "id:         {}", v.id)?;
+    writeln!(out, "state:      {}", v.state)?;
+    writeln!(
+        out,
+        "age:        {}",
+        v.received_ms().map(age).unwrap_or_else(|| "?".into())
+    )?;
+    writeln!(out, "tenant:     {}", v.tenant.as_deref().unwrap_or("-"))?;
+    writeln!(out, "sender:     <{}>", v.sender)?;
+    writeln!(out, "size:       {}", v.size)?;
+    writeln!(
+        out,
+        "from:       {} ({})",
+        v.peer_ip.as_deref().unwrap_or("?"),
+        v.auth_user.as_deref().unwrap_or("no AUTH")
+    )?;
+    let rows: Vec<Vec<String>> = v
+        .recipients
+        .iter()
+        .map(|r| {
+            vec![
+                r.address.clone(),
+                r.state.clone(),
+                r.attempts.to_string(),
+                r.last_reply.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    writeln!(out)?;
+    write!(
+        out,
+        "{}",
+        table(&["RECIPIENT", "STATE", "ATTEMPTS", "LAST REPLY"], &rows)
+    )?;
+    if let Some(text) = v.message.as_deref().or(v.headers.as_deref()) {
+        writeln!(out)?;
+        out.write_all(text.as_bytes())?;
+    }
+    Ok(())
+}
+
+/// `queue summary`: the qshape table, or `--json`.
+fn render_summary(
+    out: &mut impl Write,
+    s: &SummaryView,
+    by: SummaryBy,
+    json: bool,
+) -> anyhow::Result<()> {
+    if json {
+        return write_json(out, s);
+    }
+    let mut header = vec![match by {
+        SummaryBy::Domain => "DOMAIN".to_string(),
+        SummaryBy::Tenant => "TENANT".to_string(),
+    }];
+    header.push("MSGS".into());
+    header.push("RCPTS".into());
+    header.extend(s.bounds_minutes.iter().map(|b| format!("<{b}m")));
+    header.push(format!(
+        "{}m+",
+        s.bounds_minutes.last().copied().unwrap_or(0)
+    ));
+    let header: Vec<&str> = header.iter().map(String::as_str).collect();
+    let rows: Vec<Vec<String>> = std::iter::once(&s.total)
+        .chain(s.rows.iter())
+        .map(|r| {
+            let mut row = vec![
+                r.key.clone(),
+                r.messages.to_string(),
+                r.recipients.to_string(),
+            ];
+            row.extend(r.counts.iter().map(u64::to_string));
+            row
+        })
+        .collect();
+    write!(out, "{}", table(&header, &rows))?;
+    Ok(())
+}
+
 fn queue_command(cmd: QueueCommand) -> anyhow::Result<ExitCode> {
     let mut stdout = std::io::stdout().lock();
     match cmd {
@@ -513,63 +695,31 @@ fn queue_command(cmd: QueueCommand) -> anyhow::Result<ExitCode> {
             limit,
             json,
         } => {
-            let received_before_ms = match older_than {
-                Some(a) => {
-                    let d = humantime::parse_duration(&a).with_context(|| {
-                        format!("--older-than '{a}' is not a duration: write it like 30m, 1h or 2d")
-                    })?;
-                    Some(now_ms().saturating_sub(d.as_millis() as u64))
-                }
-                None => None,
-            };
-            let filter = Filter {
+            let query = ListQuery {
                 domain,
                 tenant,
-                state: state.map(|s| match s {
-                    StateArg::Queued => MessageState::Queued,
-                    StateArg::Deferred => MessageState::Deferred,
-                    StateArg::Held => MessageState::Held,
-                }),
-                received_before_ms,
+                state: state.map(|s| state_name(s).to_string()),
+                older_than,
                 sender,
                 limit,
             };
-            let q = open_store(&store)?;
-            let records = q.list(&filter)?;
-            if json {
-                let v: Vec<_> = records.iter().map(record_json).collect();
-                serde_json::to_writer_pretty(&mut stdout, &v)?;
-                writeln!(stdout)?;
-            } else {
-                let rows: Vec<Vec<String>> = records
-                    .iter()
-                    .map(|r| {
-                        let pending = r.recipients.iter().filter(|x| !x.state.is_final()).count();
-                        vec![
-                            r.id.to_string(),
-                            age(r.received_ms),
-                            r.state().as_str().to_string(),
-                            r.tenant.clone().unwrap_or_else(|| "-".into()),
-                            r.size.to_string(),
-                            if r.sender.is_empty() {
-                                "<>".into()
-                            } else {
-                                r.sender.clone()
-                            },
-                            pending.to_string(),
-                        ]
-                    })
-                    .collect();
-                write!(
-                    stdout,
-                    "{}",
-                    table(
-                        &["ID", "AGE", "STATE", "TENANT", "SIZE", "SENDER", "RCPTS"],
-                        &rows
-                    )
-                )?;
-                writeln!(stdout, "{} message(s)", records.len())?;
+            // Checked here too, so both modes say it the same way.
+            if let Some(a) = &query.older_than {
+                humantime::parse_duration(a).with_context(|| {
+                    format!("--older-than '{a}' is not a duration: write it like 30m, 1h or 2d")
+                })?;
             }
+            let views: Vec<MessageView> = if store.offline {
+                let filter = query.filter(now_ms()).map_err(|e| anyhow::anyhow!(e))?;
+                let q = open_store(&store)?;
+                q.list(&filter)?
+                    .iter()
+                    .map(MessageView::from_record)
+                    .collect()
+            } else {
+                call(&admin_client(&store.daemon)?, &Route::List(query), None)?
+            };
+            render_list(&mut stdout, &views, json)?;
         }
         QueueCommand::Show {
             store,
@@ -577,106 +727,69 @@ fn queue_command(cmd: QueueCommand) -> anyhow::Result<ExitCode> {
             body,
             json,
         } => {
-            let id: QueueId = id.parse()?;
-            let q = open_store(&store)?;
-            let rec = q.get(id).map_err(|e| match e {
-                queue::QueueError::NotFound(_) => anyhow::anyhow!(
-                    "no message {id} in the queue: it may have been delivered; see `mta queue list`"
-                ),
-                other => other.into(),
-            })?;
-            let content = q.content(id)?;
-            let shown: &[u8] = if body {
-                &content
+            let id = parse_id(&id)?;
+            let view = if store.offline {
+                let q = open_store(&store)?;
+                let rec = q.get(id).map_err(|e| match e {
+                    queue::QueueError::NotFound(_) => no_message(id),
+                    other => other.into(),
+                })?;
+                let content = q.content(id)?;
+                MessageView::from_record(&rec).with_content(&content, body)
             } else {
-                let end = memchr::memmem::find(&content, b"\r\n\r\n")
-                    .map(|i| i + 2)
-                    .unwrap_or(content.len());
-                &content[..end]
+                call(
+                    &admin_client(&store.daemon)?,
+                    &Route::Show { id, body },
+                    Some(id),
+                )?
             };
-            if json {
-                let mut v = record_json(&rec);
-                v[if body { "message" } else { "headers" }] =
-                    String::from_utf8_lossy(shown).into_owned().into();
-                serde_json::to_writer_pretty(&mut stdout, &v)?;
-                writeln!(stdout)?;
-            } else {
-                writeln!(stdout, "id:         {}", rec.id)?;
-                writeln!(stdout, "state:      {}", rec.state().as_str())?;
-                writeln!(stdout, "age:        {}", age(rec.received_ms))?;
-                writeln!(
-                    stdout,
-                    "tenant:     {}",
-                    rec.tenant.as_deref().unwrap_or("-")
-                )?;
-                writeln!(stdout, "sender:     <{}>", rec.sender)?;
-                writeln!(stdout, "size:       {}", rec.size)?;
-                writeln!(
-                    stdout,
-                    "from:       {} ({})",
-                    rec.submission.peer_ip.as_deref().unwrap_or("?"),
-                    rec.submission.auth_user.as_deref().unwrap_or("no AUTH")
-                )?;
-                let rows: Vec<Vec<String>> = rec
-                    .recipients
-                    .iter()
-                    .map(|r| {
-                        vec![
-                            r.address.clone(),
-                            r.state.as_str().into(),
-                            r.attempts.to_string(),
-                            r.last_reply.clone().unwrap_or_default(),
-                        ]
-                    })
-                    .collect();
-                writeln!(stdout)?;
-                write!(
-                    stdout,
-                    "{}",
-                    table(&["RECIPIENT", "STATE", "ATTEMPTS", "LAST REPLY"], &rows)
-                )?;
-                writeln!(stdout)?;
-                stdout.write_all(shown)?;
-            }
+            render_show(&mut stdout, &view, json)?;
         }
         QueueCommand::Summary { store, by, json } => {
-            let q = open_store(&store)?;
-            let by = match by {
-                ByArg::Domain => SummaryBy::Domain,
-                ByArg::Tenant => SummaryBy::Tenant,
-            };
-            let s = q.summary(now_ms(), by)?;
-            if json {
-                serde_json::to_writer_pretty(&mut stdout, &s)?;
-                writeln!(stdout)?;
+            let by = summary_by(by);
+            let s = if store.offline {
+                let q = open_store(&store)?;
+                SummaryView::from(&q.summary(now_ms(), by)?)
             } else {
-                let mut header = vec![match by {
-                    SummaryBy::Domain => "DOMAIN".to_string(),
-                    SummaryBy::Tenant => "TENANT".to_string(),
-                }];
-                header.push("MSGS".into());
-                header.push("RCPTS".into());
-                header.extend(s.bounds_minutes.iter().map(|b| format!("<{b}m")));
-                header.push(format!(
-                    "{}m+",
-                    s.bounds_minutes.last().copied().unwrap_or(0)
-                ));
-                let header: Vec<&str> = header.iter().map(String::as_str).collect();
-                let rows: Vec<Vec<String>> = std::iter::once(&s.total)
-                    .chain(s.rows.iter())
-                    .map(|r| {
-                        let mut row = vec![
-                            r.key.clone(),
-                            r.messages.to_string(),
-                            r.recipients.to_string(),
-                        ];
-                        row.extend(r.counts.iter().map(u64::to_string));
-                        row
-                    })
-                    .collect();
-                write!(stdout, "{}", table(&header, &rows))?;
-            }
+                call(&admin_client(&store.daemon)?, &Route::Summary(by), None)?
+            };
+            render_summary(&mut stdout, &s, by, json)?;
         }
+        QueueCommand::Hold(args) => change(&mut stdout, args, Action::Hold)?,
+        QueueCommand::Release(args) => change(&mut stdout, args, Action::Release)?,
+        QueueCommand::Retry(args) => change(&mut stdout, args, Action::Retry)?,
+        QueueCommand::Delete(args) => change(&mut stdout, args, Action::Delete)?,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `queue hold|release|retry|delete ID`, through the running daemon.
+fn change(out: &mut impl Write, args: ChangeArgs, action: Action) -> anyhow::Result<()> {
+    let id = parse_id(&args.id)?;
+    let view: MessageView = call(
+        &admin_client(&args.daemon)?,
+        &Route::Change { id, action },
+        Some(id),
+    )?;
+    if args.json {
+        return write_json(out, &serde_json::to_value(&view)?);
+    }
+    let pending = view.pending().count();
+    match action {
+        Action::Hold => writeln!(out, "{id}: held")?,
+        Action::Release => writeln!(out, "{id}: released (state {})", view.state)?,
+        Action::Retry => writeln!(out, "{id}: {pending} recipient(s) due now")?,
+        Action::Delete => {
+            let deleted = view
+                .recipients
+                .iter()
+                .filter(|r| r.state == "deleted")
+                .count();
+            writeln!(
+                out,
+                "{id}: deleted ({deleted} pending recipient(s) dropped)"
+            )?
+        }
+    }
+    Ok(())
 }

@@ -49,6 +49,11 @@ pub enum StartError {
     Dns(String),
     #[error(transparent)]
     ClientTls(#[from] crate::delivery::tls::ClientTlsError),
+    #[error("cannot create the admin socket {}: {source}", path.display())]
+    Admin {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot listen on {addr}: {source}{hint}")]
     Bind {
         addr: SocketAddr,
@@ -370,6 +375,26 @@ impl Daemon {
             metrics,
             shutdown_rx.clone(),
         )));
+        // The admin API (`mta queue`), bound before the SMTP listeners so
+        // that it answers as soon as mail is accepted.
+        {
+            let path = crate::admin::socket_path(&data_dir);
+            let listener = crate::admin::bind(&path).map_err(|source| StartError::Admin {
+                path: path.clone(),
+                source,
+            })?;
+            acceptors.push(tokio::spawn(crate::admin::serve(
+                listener,
+                path,
+                crate::admin::server::State {
+                    queue: receiver.queue.clone(),
+                    log: receiver.log.clone(),
+                    clock: receiver.clock.clone(),
+                    wake: receiver.wake.clone(),
+                },
+                shutdown_rx.clone(),
+            )));
+        }
         // Free space is checked with every message, and here every second so
         // that MAIL is refused (and accepted again) without waiting for one.
         {

@@ -36,6 +36,7 @@
 //! DNS answer is untrusted and only ever logged or bounced as text; the
 //! config file and the data directory are trusted.
 
+pub mod admin;
 pub mod auth;
 pub mod cli;
 pub mod clock;

@@ -242,6 +242,31 @@ pub struct Attempt {
     pub dsn_queue_id: Option<String>,
 }
 
+/// A change made through the admin API (`mta queue hold|release|retry|delete`).
+///
+/// For `delete` it is also the final record of every recipient still
+/// pending when the message was removed: `recipients` lists them (their
+/// state became `deleted`), so each accepted recipient still ends with
+/// exactly one final record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdminAction {
+    #[serde(with = "time::serde::rfc3339")]
+    pub timestamp: Timestamp,
+    /// `hold`, `release`, `retry` or `delete`.
+    pub action: String,
+    pub queue_id: String,
+    /// The local user who asked (from the socket peer's uid), or `uid:<n>`
+    /// when the uid has no name.
+    pub who: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+    /// `ok`, or the error.
+    pub result: String,
+    /// Delete: the recipients that were still pending (final from now on).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recipients: Vec<String>,
+}
+
 /// One transaction log record.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type")]
@@ -258,6 +283,8 @@ pub enum Record {
     /// Retried until the message's lifetime ran out (final).
     Expiration(Attempt),
     SpfChange(SpfChange),
+    /// A change through the admin API; for a delete, final for `recipients`.
+    AdminAction(AdminAction),
 }
 
 impl Record {
@@ -267,6 +294,7 @@ impl Record {
             Record::Rejection(r) => r.timestamp,
             Record::AuthFailure(r) => r.timestamp,
             Record::SpfChange(r) => r.timestamp,
+            Record::AdminAction(r) => r.timestamp,
             Record::Delivery(a)
             | Record::TransientFailure(a)
             | Record::Bounce(a)
@@ -307,6 +335,7 @@ impl Record {
             Record::Bounce(_) => "Bounce",
             Record::Expiration(_) => "Expiration",
             Record::SpfChange(_) => "SpfChange",
+            Record::AdminAction(_) => "AdminAction",
         }
     }
 }

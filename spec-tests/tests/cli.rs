@@ -62,11 +62,20 @@ fn user_hash_prints_a_config_line_that_verifies() {
 
 #[test]
 fn usage_errors_exit_2() {
-    let (code, _, err) = run_cli(&["queue", "list"], None);
+    let (code, _, err) = run_cli(&["queue", "hold"], None);
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("--offline"), "{err}");
+    assert!(err.contains("<ID>"), "{err}");
     let (code, _, _) = run_cli(&["frobnicate"], None);
     assert_eq!(code, 2);
+    // Without a daemon, the online queue commands say how to get one (or
+    // read the store offline): an error, not a usage error.
+    let dir = tempfile::tempdir().unwrap();
+    let (code, _, err) = run_cli(
+        &["queue", "list", "--data-dir", dir.path().to_str().unwrap()],
+        None,
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("no daemon at") && err.contains("--offline"), "{err}");
 }
 
 #[test]

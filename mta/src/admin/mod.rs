@@ -1,0 +1,34 @@
+//! The admin API: HTTP/1.1 with JSON bodies over a Unix socket,
+//! `<data_dir>/admin.sock` (mode 0660), served by the daemon and used by
+//! `mta queue` so that the CLI never opens the store of a running daemon.
+//!
+//! | method and path | answer |
+//! |---|---|
+//! | `GET /v1/messages?domain=&tenant=&state=&older_than=&sender=&limit=` | `[MessageView]`, oldest first |
+//! | `GET /v1/messages/{id}[?body=true]` | `MessageView` with `headers` (or the whole `message`) |
+//! | `GET /v1/summary?by=domain\|tenant` | `SummaryView` |
+//! | `POST /v1/messages/{id}/hold`, `/release`, `/retry` | the updated `MessageView` |
+//! | `DELETE /v1/messages/{id}` | the deleted `MessageView` (pending recipients `deleted`) |
+//!
+//! Errors are `{"error": "..."}` with 404 (no such message), 400 (a bad
+//! parameter, named) or 500. Every mutating call writes an `AdminAction`
+//! record naming the peer's local user. The types in [`api`] are shared by
+//! the server and the CLI client.
+
+pub mod api;
+pub mod client;
+pub mod http;
+pub mod server;
+
+use std::path::{Path, PathBuf};
+
+pub use api::{
+    Action, ApiError, ListQuery, MessageView, RecipientView, Route, SummaryRowView, SummaryView,
+};
+pub use client::{AdminClient, ClientError};
+pub use server::{bind, serve};
+
+/// The admin socket of a data directory.
+pub fn socket_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("admin.sock")
+}

@@ -1,0 +1,388 @@
+//! The admin API through `mta queue` against the real, running program:
+//! listings parsed back, filters, show, summary, hold/release/retry/delete
+//! with their AdminAction records, the errors, and "no daemon".
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use mta::log::{AdminAction, Record};
+use serde_json::Value;
+use spec_tests::client::{Client, message};
+use spec_tests::server::{DaemonProcess, eventually, free_port, queued_id, read_log, run_cli};
+use spec_tests::sink::{Sink, SinkConfig};
+
+/// Submits one message; returns its queue ID.
+fn submit(addr: SocketAddr, from: &str, rcpts: &[&str], subject: &str) -> String {
+    let mut c = Client::connect(addr);
+    c.ehlo();
+    let replies = c.send_message(from, rcpts, &message(from, rcpts[0], subject));
+    queued_id(replies.last().unwrap())
+}
+
+/// Runs `mta queue <args> --config <the daemon's>`.
+fn queue(d: &DaemonProcess, args: &[&str]) -> (i32, String, String) {
+    let config = d.config_path.to_str().unwrap();
+    let mut all = vec!["queue"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["--config", config]);
+    run_cli(&all, None)
+}
+
+/// `mta queue <args> --json`, which must succeed, parsed.
+fn queue_json(d: &DaemonProcess, args: &[&str]) -> Value {
+    let mut all = args.to_vec();
+    all.push("--json");
+    let (code, out, err) = queue(d, &all);
+    assert_eq!(code, 0, "mta queue {args:?}: {err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("JSON from {args:?}: {e}\n{out}"))
+}
+
+fn ids(v: &Value) -> Vec<String> {
+    v.as_array()
+        .expect("a JSON array")
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn admin_actions(d: &DaemonProcess) -> Vec<AdminAction> {
+    read_log(&d.data_dir)
+        .into_iter()
+        .filter_map(|r| match r {
+            Record::AdminAction(a) => Some(a),
+            _ => None,
+        })
+        .collect()
+}
+
+fn me() -> (u32, String) {
+    // SAFETY: getuid(2) cannot fail and touches no memory.
+    let uid = unsafe { libc::getuid() };
+    let name = mta::admin::server::user_name(uid).unwrap_or_else(|| format!("uid:{uid}"));
+    (uid, name)
+}
+
+#[test]
+fn list_show_and_summary_reach_the_running_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = DaemonProcess::start(dir.path(), "");
+    let a = submit(d.addr, "news@x.example", &["a@dest.example"], "first");
+    let b = submit(
+        d.addr,
+        "news@x.example",
+        &["b@dest.example", "c@other.example"],
+        "second",
+    );
+    let c = submit(d.addr, "promo@y.example", &["d@other.example"], "third");
+
+    let all = queue_json(&d, &["list"]);
+    assert_eq!(ids(&all), [a.clone(), b.clone(), c.clone()], "oldest first");
+    let first = &all[0];
+    assert_eq!(first["state"], "queued");
+    assert_eq!(first["sender"], "news@x.example");
+    assert_eq!(first["peer_ip"], "127.0.0.1");
+    assert_eq!(first["recipients"][0]["address"], "a@dest.example");
+    assert_eq!(first["recipients"][0]["state"], "queued");
+    assert!(first["received"].as_str().unwrap().ends_with('Z'));
+
+    // Filters.
+    assert_eq!(
+        ids(&queue_json(&d, &["list", "--domain", "other.example"])),
+        [b.clone(), c.clone()]
+    );
+    assert_eq!(
+        ids(&queue_json(&d, &["list", "--sender", "PROMO@y.example"])),
+        [c.as_str()]
+    );
+    assert_eq!(
+        ids(&queue_json(&d, &["list", "--limit", "2"])),
+        [a.clone(), b.clone()]
+    );
+    assert!(ids(&queue_json(&d, &["list", "--state", "held"])).is_empty());
+    assert!(ids(&queue_json(&d, &["list", "--older-than", "1h"])).is_empty());
+    assert_eq!(
+        ids(&queue_json(&d, &["list", "--state", "queued"])).len(),
+        3
+    );
+    let (code, _, err) = queue(&d, &["list", "--older-than", "soon"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("--older-than 'soon' is not a duration"),
+        "{err}"
+    );
+
+    // The table.
+    let (code, out, err) = queue(&d, &["list"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("ID "), "{out}");
+    assert!(out.contains(&b) && out.contains("3 message(s)"), "{out}");
+
+    // Show: headers by default, the whole message with --body.
+    let shown = queue_json(&d, &["show", &b]);
+    assert_eq!(shown["id"], b.as_str());
+    assert_eq!(shown["recipients"].as_array().unwrap().len(), 2);
+    assert!(
+        shown["headers"]
+            .as_str()
+            .unwrap()
+            .contains("Subject: second")
+    );
+    assert!(shown.get("message").is_none());
+    let whole = queue_json(&d, &["show", &b, "--body"]);
+    assert!(
+        whole["message"]
+            .as_str()
+            .unwrap()
+            .contains("Hello from the tests.")
+    );
+    let (code, out, err) = queue(&d, &["show", &b]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(&format!("id:         {b}")), "{out}");
+    assert!(out.contains("c@other.example") && out.contains("Subject: second"));
+
+    // Summary, like qshape.
+    let s = queue_json(&d, &["summary"]);
+    assert_eq!(s["total"]["messages"], 3);
+    assert_eq!(s["total"]["recipients"], 4);
+    let rows = s["rows"].as_array().unwrap();
+    let row = |k: &str| rows.iter().find(|r| r["key"] == k).cloned().unwrap();
+    assert_eq!(row("dest.example")["messages"], 2);
+    assert_eq!(row("other.example")["recipients"], 2);
+    let (code, out, err) = queue(&d, &["summary", "--by", "tenant"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("TENANT"), "{out}");
+
+    // Unknown and malformed IDs.
+    let (code, _, err) = queue(&d, &["show", "0000000000000"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("no message 0000000000000 in the queue"),
+        "{err}"
+    );
+    let (code, _, err) = queue(&d, &["show", "nope"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("not a queue ID"), "{err}");
+
+    // Online and offline print the same thing.
+    let online = queue(&d, &["list", "--json"]).1;
+    let online_summary = queue(&d, &["summary", "--json"]).1;
+    let socket = d.data_dir.join("admin.sock");
+    assert!(d.terminate().success());
+    assert!(!socket.exists(), "a clean stop removes the socket");
+    let dd = dir.path().join("data");
+    let dd = dd.to_str().unwrap();
+    let (code, offline, err) = run_cli(
+        &["queue", "list", "--json", "--offline", "--data-dir", dd],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(online, offline);
+    let (_, offline_summary, _) = run_cli(
+        &["queue", "summary", "--json", "--offline", "--data-dir", dd],
+        None,
+    );
+    assert_eq!(online_summary, offline_summary);
+
+    // No daemon: say so, and how to find out why.
+    for args in [vec!["list"], vec!["hold", &a]] {
+        let mut args = args;
+        args.extend_from_slice(&["--data-dir", dd]);
+        let mut all = vec!["queue"];
+        all.extend_from_slice(&args);
+        let (code, _, err) = run_cli(&all, None);
+        assert_eq!(code, 1);
+        assert!(
+            err.contains(&format!("no daemon at {}", socket.display()))
+                && err.contains("systemctl status mta")
+                && err.contains("--offline"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn hold_release_retry_and_delete_write_admin_actions() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = DaemonProcess::start(dir.path(), "");
+    let id = submit(
+        d.addr,
+        "news@x.example",
+        &["a@dest.example", "b@dest.example"],
+        "steer me",
+    );
+    let other = submit(d.addr, "news@x.example", &["c@dest.example"], "keep me");
+    let (uid, name) = me();
+
+    let (code, out, err) = queue(&d, &["hold", &id]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim(), format!("{id}: held"));
+    assert_eq!(queue_json(&d, &["show", &id])["state"], "held");
+    assert_eq!(
+        ids(&queue_json(&d, &["list", "--state", "held"])),
+        [id.as_str()]
+    );
+
+    let released = queue_json(&d, &["release", &id]);
+    assert_eq!(released["state"], "queued");
+    let retried = queue_json(&d, &["retry", &id]);
+    assert_eq!(retried["id"], id.as_str());
+
+    let deleted = queue_json(&d, &["delete", &id]);
+    assert_eq!(deleted["recipients"][0]["state"], "deleted");
+    assert_eq!(deleted["recipients"][1]["state"], "deleted");
+    assert_eq!(ids(&queue_json(&d, &["list"])), [other.as_str()]);
+    let (code, _, err) = queue(&d, &["show", &id]);
+    assert_eq!(code, 1);
+    assert!(err.contains(&format!("no message {id}")), "{err}");
+
+    // An unknown ID: exit 1, said plainly, and recorded too.
+    let (code, _, err) = queue(&d, &["delete", &id]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains(&format!("no message {id} in the queue")),
+        "{err}"
+    );
+    let (code, _, err) = queue(&d, &["release", "nope"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("not a queue ID"), "{err}");
+
+    let actions = admin_actions(&d);
+    let summary: Vec<(&str, &str)> = actions
+        .iter()
+        .map(|a| (a.action.as_str(), a.result.as_str()))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("hold", "ok"),
+            ("release", "ok"),
+            ("retry", "ok"),
+            ("delete", "ok"),
+            ("delete", format!("no message {id} in the queue").as_str()),
+        ]
+    );
+    for a in &actions {
+        assert_eq!(a.queue_id, id);
+        assert_eq!(a.uid, Some(uid));
+        assert_eq!(a.who, name);
+    }
+    // The delete is the final record of both pending recipients.
+    assert_eq!(actions[3].recipients, ["a@dest.example", "b@dest.example"]);
+    assert!(actions[0].recipients.is_empty());
+    // The other message was not touched.
+    assert_eq!(queue_json(&d, &["show", &other])["state"], "queued");
+}
+
+#[test]
+fn a_stale_socket_from_a_killed_daemon_is_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = DaemonProcess::start(dir.path(), "");
+    let id = submit(d.addr, "news@x.example", &["a@dest.example"], "kill");
+    let socket = d.data_dir.join("admin.sock");
+    d.kill9();
+    assert!(socket.exists(), "kill -9 leaves the socket behind");
+    let dd = dir.path().join("data");
+    let (code, _, err) = run_cli(&["queue", "list", "--data-dir", dd.to_str().unwrap()], None);
+    assert_eq!(code, 1);
+    assert!(err.contains("no daemon at"), "{err}");
+    let d = DaemonProcess::start(dir.path(), "");
+    assert_eq!(ids(&queue_json(&d, &["list"])), [id]);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o660);
+}
+
+#[test]
+fn a_held_message_is_not_delivered_until_released() {
+    // The relay is down at first: the attempt fails and the message is
+    // deferred for an hour. Then the relay comes up.
+    let port = free_port();
+    let relay: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let d = DaemonProcess::start(
+        dir.path(),
+        &format!(
+            "[delivery]\nrelay_host = \"{relay}\"\nretry_initial = \"1h\"\nretry_max = \"2h\"\nbounces = false\n"
+        ),
+    );
+    let id = submit(d.addr, "news@x.example", &["a@dest.example"], "held");
+    eventually("the first attempt to fail", || {
+        read_log(&d.data_dir)
+            .iter()
+            .any(|r| r.kind() == "TransientFailure" && r.queue_id() == Some(id.as_str()))
+            .then_some(())
+    });
+    let (code, _, err) = queue(&d, &["hold", &id]);
+    assert_eq!(code, 0, "{err}");
+    let sink = Sink::start(relay, SinkConfig::default());
+    // Due now, but held: no attempt.
+    let (code, _, err) = queue(&d, &["retry", &id]);
+    assert_eq!(code, 0, "{err}");
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(sink.messages().len(), 0, "a held message was delivered");
+    assert_eq!(sink.connections(), 0);
+    assert_eq!(queue_json(&d, &["show", &id])["state"], "held");
+
+    let (code, _, err) = queue(&d, &["release", &id]);
+    assert_eq!(code, 0, "{err}");
+    let got = sink.wait_for_messages(1, Duration::from_secs(15));
+    assert_eq!(got[0].rcpt_to, ["a@dest.example"]);
+    eventually("the Delivery record", || {
+        read_log(&d.data_dir)
+            .iter()
+            .any(|r| r.kind() == "Delivery" && r.queue_id() == Some(id.as_str()))
+            .then_some(())
+    });
+    eventually("the message to leave the queue", || {
+        ids(&queue_json(&d, &["list"])).is_empty().then_some(())
+    });
+}
+
+#[test]
+fn the_api_answers_errors_as_json_with_their_status() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let d = DaemonProcess::start(dir.path(), "");
+    let socket = d.data_dir.join("admin.sock");
+    let raw = |request: &str| {
+        let mut s = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+        s.write_all(request.as_bytes()).unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        let (head, body) = out.split_once("\r\n\r\n").unwrap();
+        let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
+        let v: Value = serde_json::from_str(body).unwrap();
+        (status, v["error"].as_str().unwrap_or_default().to_string())
+    };
+    let (status, e) = raw("GET /v1/messages?state=lost HTTP/1.1\r\n\r\n");
+    assert_eq!(status, 400);
+    assert!(e.contains("state 'lost' is not one of"), "{e}");
+    let (status, e) = raw("GET /v1/messages?colour=red HTTP/1.1\r\n\r\n");
+    assert_eq!(
+        (status, e.contains("unknown parameter 'colour'")),
+        (400, true)
+    );
+    let (status, e) = raw("GET /v1/summary?by=planet HTTP/1.1\r\n\r\n");
+    assert_eq!((status, e.contains("by 'planet'")), (400, true));
+    let (status, e) = raw("POST /v1/messages/0000000000000/hold HTTP/1.1\r\n\r\n");
+    assert_eq!(status, 404);
+    assert!(e.contains("no message 0000000000000"), "{e}");
+    let (status, _) = raw("GET /v2/messages HTTP/1.1\r\n\r\n");
+    assert_eq!(status, 404);
+    let (status, _) = raw("garbage\r\n\r\n");
+    assert_eq!(status, 400);
+
+    // The typed client reads what the server writes.
+    let client = mta::admin::AdminClient::new(&socket);
+    let list: Vec<mta::admin::MessageView> = client
+        .call(&mta::admin::Route::List(Default::default()))
+        .unwrap();
+    assert!(list.is_empty());
+    match client.call::<mta::admin::MessageView>(&mta::admin::Route::Show {
+        id: "0000000000000".parse().unwrap(),
+        body: false,
+    }) {
+        Err(mta::admin::ClientError::Api { status: 404, .. }) => {}
+        other => panic!("{other:?}"),
+    }
+}
