@@ -75,7 +75,10 @@ fn usage_errors_exit_2() {
         None,
     );
     assert_eq!(code, 1, "{err}");
-    assert!(err.contains("no daemon at") && err.contains("--offline"), "{err}");
+    assert!(
+        err.contains("no daemon at") && err.contains("--offline"),
+        "{err}"
+    );
 }
 
 #[test]
