@@ -268,6 +268,19 @@ fn dmarc_zones() -> Vec<(&'static str, String)> {
     ]
 }
 
+/// The DNS of [`dmarc_zones`] and the MTA under `policy`, with tenant acme
+/// owning both domains.
+fn dmarc_server(policy: &str) -> (DnsServer, TestServer) {
+    let zones = dmarc_zones();
+    let zones: Vec<(&str, &str)> = zones.iter().map(|(o, z)| (*o, z.as_str())).collect();
+    let dns = DnsServer::start(&zones);
+    let server = TestServer::start(&config(&dns, policy, "").replace(
+        "[\"acme.example\"]",
+        "[\"acme.example\", \"other.example\"]",
+    ));
+    (dns, server)
+}
+
 fn send(server: &TestServer, mail_from: &str, from_header: &str) -> spec_tests::client::Reply {
     let mut c = Client::connect(server.addr);
     c.ehlo();
@@ -283,13 +296,7 @@ fn send(server: &TestServer, mail_from: &str, from_header: &str) -> spec_tests::
 fn enforce_refuses_what_would_fail_dmarc_at_a_reject_domain() {
     // RFC 7489 §3.1, §6.3: SPF-aligned mail passes; a From: domain that
     // neither our signature nor SPF aligns with, at p=reject, is refused.
-    let zones = dmarc_zones();
-    let zones: Vec<(&str, &str)> = zones.iter().map(|(o, z)| (*o, z.as_str())).collect();
-    let dns = DnsServer::start(&zones);
-    let server = TestServer::start(&config(&dns, "enforce", "").replace(
-        "[\"acme.example\"]",
-        "[\"acme.example\", \"other.example\"]",
-    ));
+    let (_dns, server) = dmarc_server("enforce");
     let ok = send(&server, "news@acme.example", "news@acme.example");
     let rec = server.reception(&queued_id(&ok));
     let d = rec.dmarc.expect("a DMARC note");
@@ -315,13 +322,7 @@ fn enforce_refuses_what_would_fail_dmarc_at_a_reject_domain() {
 
 #[test]
 fn warn_records_dmarc_outcomes_and_counts_them() {
-    let zones = dmarc_zones();
-    let zones: Vec<(&str, &str)> = zones.iter().map(|(o, z)| (*o, z.as_str())).collect();
-    let dns = DnsServer::start(&zones);
-    let server = TestServer::start(&config(&dns, "warn", "").replace(
-        "[\"acme.example\"]",
-        "[\"acme.example\", \"other.example\"]",
-    ));
+    let (_dns, server) = dmarc_server("warn");
     let r = send(&server, "news@acme.example", "news@other.example");
     let d = server.reception(&queued_id(&r)).dmarc.unwrap();
     assert_eq!(
