@@ -45,6 +45,13 @@ pub fn resolver(config: &DnsConfig) -> Result<TokioResolver, String> {
         .map_err(|e| format!("cannot build the DNS resolver: {e}"))
 }
 
+/// A resolver asking exactly these name servers (tests and tools).
+pub fn resolver_for(nameservers: &[std::net::SocketAddr]) -> Result<TokioResolver, String> {
+    resolver(&DnsConfig {
+        nameservers: nameservers.to_vec(),
+    })
+}
+
 /// What a lookup found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TxtAnswer {

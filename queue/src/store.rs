@@ -1239,6 +1239,20 @@ mod tests {
 
     use super::*;
 
+    /// Records the first recipient of `claim` as delivered.
+    async fn deliver_first(q: &Queue, claim: Claim) -> Result<AfterOutcome, QueueError> {
+        q.record_outcomes(
+            claim,
+            vec![(
+                0,
+                Outcome::Delivered {
+                    reply: "250".into(),
+                },
+            )],
+        )
+        .await
+    }
+
     const T0: u64 = 1_800_000_000_000;
     const HOUR: u64 = 3_600_000;
 
@@ -1324,18 +1338,7 @@ mod tests {
 
     async fn deliver_all(q: &Queue) {
         for claim in q.claim_due(T0 + 10 * HOUR, 100).unwrap() {
-            let after = q
-                .record_outcomes(
-                    claim,
-                    vec![(
-                        0,
-                        Outcome::Delivered {
-                            reply: "250".into(),
-                        },
-                    )],
-                )
-                .await
-                .unwrap();
+            let after = deliver_first(q, claim).await.unwrap();
             assert_eq!(after, AfterOutcome::Complete);
         }
         assert!(q.is_empty());
@@ -1416,18 +1419,7 @@ mod tests {
             .into_iter()
             .find(|c| c.record.id == done)
             .unwrap();
-        let after = q
-            .record_outcomes(
-                claim,
-                vec![(
-                    0,
-                    Outcome::Delivered {
-                        reply: "250".into(),
-                    },
-                )],
-            )
-            .await
-            .unwrap();
+        let after = deliver_first(&q, claim).await.unwrap();
         assert_eq!(after, AfterOutcome::Complete);
         q.delete(deleted).await.unwrap();
         kept.remove(&done);
@@ -1462,17 +1454,7 @@ mod tests {
             // The first claimed message completes after its record was
             // repointed, before the move is durable and the old place freed.
             if let Some(c) = claims.pop() {
-                q.record_outcomes(
-                    c,
-                    vec![(
-                        0,
-                        Outcome::Delivered {
-                            reply: "250".into(),
-                        },
-                    )],
-                )
-                .await
-                .unwrap();
+                deliver_first(&q, c).await.unwrap();
             }
             q.compaction_release(&mut pass, q.inner.commit.durable_blocking());
         }
@@ -1487,17 +1469,7 @@ mod tests {
         assert_ne!(q.get(first).unwrap().content, stale, "moved while claimed");
         assert_eq!(q.content_at(first, stale).unwrap(), kept[&first]);
         for c in claims {
-            q.record_outcomes(
-                c,
-                vec![(
-                    0,
-                    Outcome::Delivered {
-                        reply: "250".into(),
-                    },
-                )],
-            )
-            .await
-            .unwrap();
+            deliver_first(&q, c).await.unwrap();
         }
         assert!(q.is_empty());
         assert_eq!(q.inner.content.live_bytes(), 0);

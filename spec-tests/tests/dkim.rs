@@ -190,10 +190,7 @@ fn verify_mail_auth(dns: &DnsServer, message: &[u8]) -> Vec<(String, bool)> {
         .build()
         .unwrap();
     rt.block_on(async {
-        let resolver = mta::dns::resolver(&mta::config::DnsConfig {
-            nameservers: vec![dns.addr],
-        })
-        .unwrap();
+        let resolver = mta::dns::resolver_for(&[dns.addr]).unwrap();
         let auth = MessageAuthenticator(resolver);
         let msg = AuthenticatedMessage::parse(message).expect("parsable message");
         let params: Parameters<

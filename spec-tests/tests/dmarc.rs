@@ -16,10 +16,7 @@ fn discover_via(dns: &DnsServer, from: &str) -> Discovery {
         .build()
         .unwrap();
     rt.block_on(async {
-        let resolver = mta::dns::resolver(&mta::config::DnsConfig {
-            nameservers: vec![dns.addr],
-        })
-        .unwrap();
+        let resolver = mta::dns::resolver_for(&[dns.addr]).unwrap();
         discover(&HickoryDns::new(resolver), from).await
     })
 }

@@ -154,10 +154,7 @@ fn cases(scenario: &Yaml) -> Vec<Case> {
 /// Runs one case, with a resolver of its own (no cache carried over from
 /// another case); `Err` describes a failure.
 async fn run(server: &SpfDnsServer, case: &Case) -> Result<(), String> {
-    let resolver = mta::dns::resolver(&mta::config::DnsConfig {
-        nameservers: vec![server.addr],
-    })
-    .expect("resolver");
+    let resolver = mta::dns::resolver_for(&[server.addr]).expect("resolver");
     let dns = HickoryDns::new(resolver);
     let options = Options {
         receiver: "receiver.example.net".to_string(),
@@ -317,10 +314,7 @@ fn null_text_variants() {
         zone.txt("null.example.com", &empty);
         let server = SpfDnsServer::start(zone);
         let e = rt.block_on(async {
-            let resolver = mta::dns::resolver(&mta::config::DnsConfig {
-                nameservers: vec![server.addr],
-            })
-            .unwrap();
+            let resolver = mta::dns::resolver_for(&[server.addr]).unwrap();
             check_mail_from(
                 &HickoryDns::new(resolver),
                 &Options::default(),
