@@ -14,7 +14,9 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use queue::{Queue, QueueId, SummaryBy};
 
-use crate::admin::api::{Action, ListQuery, MessageView, Route, SummaryView};
+use crate::admin::api::{
+    Action, BulkView, ListQuery, MessageView, ResumeView, Route, SummaryView, SuspensionView,
+};
 use crate::admin::{AdminClient, ClientError};
 
 use crate::clock::{Clock, SystemClock};
@@ -207,20 +209,8 @@ pub enum QueueCommand {
     List {
         #[command(flatten)]
         store: StoreArgs,
-        /// Only messages with a pending recipient at this domain.
-        #[arg(long)]
-        domain: Option<String>,
-        #[arg(long)]
-        tenant: Option<String>,
-        #[arg(long, value_enum)]
-        state: Option<StateArg>,
-        /// Only messages older than this ("1h", "2d").
-        #[arg(long, value_name = "AGE")]
-        older_than: Option<String>,
-        #[arg(long)]
-        sender: Option<String>,
-        #[arg(long)]
-        limit: Option<usize>,
+        #[command(flatten)]
+        filters: FilterArgs,
         #[arg(long)]
         json: bool,
     },
@@ -244,22 +234,107 @@ pub enum QueueCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Hold a message: it is not attempted until released (running daemon).
+    /// Hold messages: they are not attempted until released (running daemon).
     Hold(ChangeArgs),
-    /// Release a held message (running daemon).
+    /// Release held messages (running daemon).
     Release(ChangeArgs),
-    /// Make every pending recipient of a message due now (running daemon).
+    /// Make every pending recipient of messages due now (running daemon).
     Retry(ChangeArgs),
-    /// Remove a message from the queue, without a DSN (running daemon).
+    /// Remove messages from the queue, without a DSN (running daemon).
     Delete(ChangeArgs),
+    /// Fail every pending recipient of messages now and send the sender a
+    /// DSN, then remove them (running daemon).
+    Bounce(ChangeArgs),
+    /// Make no delivery attempts to a destination domain for a while; its
+    /// mail waits in the queue (running daemon).
+    Suspend {
+        #[command(flatten)]
+        daemon: DaemonArgs,
+        /// The destination domain (an IDN as its A-label).
+        domain: String,
+        /// How long: "30m", "4h", "1d". A suspension always ends.
+        #[arg(long = "for", value_name = "DURATION")]
+        duration: String,
+        /// Why, for the record and for `mta queue suspensions`.
+        #[arg(long)]
+        reason: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Lift a suspension: the domain's mail is due now (running daemon).
+    Resume {
+        #[command(flatten)]
+        daemon: DaemonArgs,
+        domain: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The suspended destination domains (running daemon).
+    Suspensions {
+        #[command(flatten)]
+        daemon: DaemonArgs,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
-/// A change to one message, through the running daemon.
+/// Which messages: the filters of `list`, and of the changes by filter.
+#[derive(Debug, Args)]
+pub struct FilterArgs {
+    /// Only messages with a pending recipient at this domain.
+    #[arg(long)]
+    pub domain: Option<String>,
+    #[arg(long)]
+    pub tenant: Option<String>,
+    #[arg(long, value_enum)]
+    pub state: Option<StateArg>,
+    /// Only messages older than this ("1h", "2d").
+    #[arg(long, value_name = "AGE")]
+    pub older_than: Option<String>,
+    /// Only messages with this envelope sender.
+    #[arg(long)]
+    pub sender: Option<String>,
+    /// At most this many messages, oldest first.
+    #[arg(long)]
+    pub limit: Option<usize>,
+}
+
+impl FilterArgs {
+    fn query(self) -> anyhow::Result<ListQuery> {
+        // Checked here too, so both modes say it the same way.
+        if let Some(a) = &self.older_than {
+            humantime::parse_duration(a).with_context(|| {
+                format!("--older-than '{a}' is not a duration: write it like 30m, 1h or 2d")
+            })?;
+        }
+        Ok(ListQuery {
+            domain: self.domain,
+            tenant: self.tenant,
+            state: self.state.map(|s| state_name(s).to_string()),
+            older_than: self.older_than,
+            sender: self.sender,
+            limit: self.limit,
+        })
+    }
+}
+
+/// A change to one message by its ID, or to every message the filters
+/// match, through the running daemon.
 #[derive(Debug, Args)]
 pub struct ChangeArgs {
     #[command(flatten)]
     pub daemon: DaemonArgs,
-    pub id: String,
+    /// The message's queue ID; or name messages with the filters instead.
+    #[arg(
+        required_unless_present_any = ["domain", "tenant", "state", "older_than", "sender", "all"],
+        conflicts_with_all = ["domain", "tenant", "state", "older_than", "sender", "limit", "all"]
+    )]
+    pub id: Option<String>,
+    #[command(flatten)]
+    pub filters: FilterArgs,
+    /// Every message in the queue (when no ID or filter names them).
+    #[arg(long)]
+    pub all: bool,
     #[arg(long)]
     pub json: bool,
 }
@@ -619,6 +694,15 @@ fn render_show(out: &mut impl Write, v: &MessageView, json: bool) -> anyhow::Res
         v.peer_ip.as_deref().unwrap_or("?"),
         v.auth_user.as_deref().unwrap_or("no AUTH")
     )?;
+    writeln!(
+        out,
+        "dkim:       {}",
+        if v.dkim.is_empty() {
+            "unsigned".to_string()
+        } else {
+            v.dkim.join(", ")
+        }
+    )?;
     let rows: Vec<Vec<String>> = v
         .recipients
         .iter()
@@ -627,6 +711,7 @@ fn render_show(out: &mut impl Write, v: &MessageView, json: bool) -> anyhow::Res
                 r.address.clone(),
                 r.state.clone(),
                 r.attempts.to_string(),
+                r.next_attempt.clone().unwrap_or_else(|| "-".into()),
                 r.last_reply.clone().unwrap_or_default(),
             ]
         })
@@ -635,7 +720,16 @@ fn render_show(out: &mut impl Write, v: &MessageView, json: bool) -> anyhow::Res
     write!(
         out,
         "{}",
-        table(&["RECIPIENT", "STATE", "ATTEMPTS", "LAST REPLY"], &rows)
+        table(
+            &[
+                "RECIPIENT",
+                "STATE",
+                "ATTEMPTS",
+                "NEXT ATTEMPT",
+                "LAST REPLY"
+            ],
+            &rows
+        )
     )?;
     if let Some(text) = v.message.as_deref().or(v.headers.as_deref()) {
         writeln!(out)?;
@@ -687,28 +781,10 @@ fn queue_command(cmd: QueueCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         QueueCommand::List {
             store,
-            domain,
-            tenant,
-            state,
-            older_than,
-            sender,
-            limit,
+            filters,
             json,
         } => {
-            let query = ListQuery {
-                domain,
-                tenant,
-                state: state.map(|s| state_name(s).to_string()),
-                older_than,
-                sender,
-                limit,
-            };
-            // Checked here too, so both modes say it the same way.
-            if let Some(a) = &query.older_than {
-                humantime::parse_duration(a).with_context(|| {
-                    format!("--older-than '{a}' is not a duration: write it like 30m, 1h or 2d")
-                })?;
-            }
+            let query = filters.query()?;
             let views: Vec<MessageView> = if store.offline {
                 let filter = query.filter(now_ms()).map_err(|e| anyhow::anyhow!(e))?;
                 let q = open_store(&store)?;
@@ -759,13 +835,109 @@ fn queue_command(cmd: QueueCommand) -> anyhow::Result<ExitCode> {
         QueueCommand::Release(args) => change(&mut stdout, args, Action::Release)?,
         QueueCommand::Retry(args) => change(&mut stdout, args, Action::Retry)?,
         QueueCommand::Delete(args) => change(&mut stdout, args, Action::Delete)?,
+        QueueCommand::Bounce(args) => change(&mut stdout, args, Action::Bounce)?,
+        QueueCommand::Suspend {
+            daemon,
+            domain,
+            duration,
+            reason,
+            json,
+        } => {
+            humantime::parse_duration(&duration).with_context(|| {
+                format!("--for '{duration}' is not a duration: write it like 30m, 4h or 1d")
+            })?;
+            let v: SuspensionView = admin_client(&daemon)?.call(&Route::Suspend {
+                domain,
+                duration,
+                reason,
+            })?;
+            if json {
+                write_json(&mut stdout, &v)?;
+            } else {
+                writeln!(
+                    stdout,
+                    "{}: suspended until {}; its mail waits in the queue (`mta queue resume {}` to lift it)",
+                    v.domain, v.until, v.domain
+                )?;
+            }
+        }
+        QueueCommand::Resume {
+            daemon,
+            domain,
+            json,
+        } => {
+            let v: ResumeView = admin_client(&daemon)?.call(&Route::Resume { domain })?;
+            if json {
+                write_json(&mut stdout, &v)?;
+            } else if v.lifted.is_some() {
+                writeln!(
+                    stdout,
+                    "{}: resumed; {} message(s) due now",
+                    v.domain, v.retried
+                )?;
+            } else {
+                writeln!(stdout, "{}: was not suspended", v.domain)?;
+            }
+        }
+        QueueCommand::Suspensions { daemon, json } => {
+            let list: Vec<SuspensionView> = admin_client(&daemon)?.call(&Route::Suspensions)?;
+            if json {
+                write_json(&mut stdout, &list)?;
+            } else if list.is_empty() {
+                writeln!(stdout, "no destination is suspended")?;
+            } else {
+                let rows: Vec<Vec<String>> = list
+                    .iter()
+                    .map(|s| {
+                        vec![
+                            s.domain.clone(),
+                            s.until.clone(),
+                            s.who.clone(),
+                            s.reason.clone(),
+                        ]
+                    })
+                    .collect();
+                write!(
+                    stdout,
+                    "{}",
+                    table(&["DOMAIN", "UNTIL", "BY", "REASON"], &rows)
+                )?;
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
 
-/// `queue hold|release|retry|delete ID`, through the running daemon.
+/// `queue hold|release|retry|delete|bounce ID|--filters|--all`, through
+/// the running daemon.
 fn change(out: &mut impl Write, args: ChangeArgs, action: Action) -> anyhow::Result<()> {
-    let id = parse_id(&args.id)?;
+    let Some(id) = &args.id else {
+        let route = Route::Bulk {
+            action,
+            query: args.filters.query()?,
+            all: args.all,
+        };
+        let v: BulkView = admin_client(&args.daemon)?.call(&route)?;
+        if args.json {
+            return write_json(out, &v);
+        }
+        writeln!(
+            out,
+            "{}: {} of {} message(s) matching {}",
+            v.action,
+            v.changed.len(),
+            v.matched,
+            v.selector
+        )?;
+        for f in &v.failed {
+            writeln!(out, "  {}: not changed: {}", f.id, f.error)?;
+        }
+        if !v.failed.is_empty() {
+            anyhow::bail!("{} message(s) were not changed (see above)", v.failed.len());
+        }
+        return Ok(());
+    };
+    let id = parse_id(id)?;
     let view: MessageView = call(
         &admin_client(&args.daemon)?,
         &Route::Change { id, action },
@@ -779,6 +951,17 @@ fn change(out: &mut impl Write, args: ChangeArgs, action: Action) -> anyhow::Res
         Action::Hold => writeln!(out, "{id}: held")?,
         Action::Release => writeln!(out, "{id}: released (state {})", view.state)?,
         Action::Retry => writeln!(out, "{id}: {pending} recipient(s) due now")?,
+        Action::Bounce => {
+            let bounced = view
+                .recipients
+                .iter()
+                .filter(|r| r.state == "bounced")
+                .count();
+            writeln!(
+                out,
+                "{id}: bounced ({bounced} recipient(s); the sender gets a DSN unless it is <> or bounces are off)"
+            )?
+        }
         Action::Delete => {
             let deleted = view
                 .recipients

@@ -19,6 +19,7 @@ use dkim_keys::KeyRing;
 use crate::auth::{AuthThrottle, Users};
 use crate::clock::Clock;
 use crate::config::{Config, SpfPolicy};
+use crate::delivery::suspend::Suspensions;
 use crate::delivery::tls::ClientTls;
 use crate::delivery::{Delivery, Parts, Settings};
 use crate::log::{LogError, LogWriterGuard, TransactionLog};
@@ -54,6 +55,8 @@ pub enum StartError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Suspensions(#[from] crate::delivery::suspend::SuspendError),
     #[error("cannot listen on {addr}: {source}{hint}")]
     Bind {
         addr: SocketAddr,
@@ -75,6 +78,11 @@ pub fn queue_path(data_dir: &Path) -> PathBuf {
 
 pub fn log_path(data_dir: &Path) -> PathBuf {
     data_dir.join("log")
+}
+
+/// The destination domains suspended with `mta queue suspend`.
+pub fn suspensions_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("suspensions.json")
 }
 
 /// A running daemon.
@@ -357,6 +365,10 @@ impl Daemon {
             wake,
             spf: spf.clone(),
             seed: None,
+            suspensions: Arc::new(Suspensions::load(
+                &suspensions_path(&data_dir),
+                receiver.clock.now_ms(),
+            )?),
         });
 
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -391,6 +403,7 @@ impl Daemon {
                     log: receiver.log.clone(),
                     clock: receiver.clock.clone(),
                     wake: receiver.wake.clone(),
+                    delivery: delivery.clone(),
                 },
                 shutdown_rx.clone(),
             )));

@@ -252,9 +252,17 @@ pub struct Attempt {
 pub struct AdminAction {
     #[serde(with = "time::serde::rfc3339")]
     pub timestamp: Timestamp,
-    /// `hold`, `release`, `retry` or `delete`.
+    /// `hold`, `release`, `retry`, `delete`, `bounce` (one per message,
+    /// also when many were named by filters), `suspend` or `resume` (of a
+    /// destination domain, without a queue ID).
     pub action: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub queue_id: String,
+    /// How the message or domain was named when not by its ID: the
+    /// filters (`domain=example.com state=deferred`, or `all`), or for a
+    /// suspension `domain=… until=… reason=…`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
     /// The local user who asked (from the socket peer's uid), or `uid:<n>`
     /// when the uid has no name.
     pub who: String,
@@ -262,7 +270,8 @@ pub struct AdminAction {
     pub uid: Option<u32>,
     /// `ok`, or the error.
     pub result: String,
-    /// Delete: the recipients that were still pending (final from now on).
+    /// Delete and bounce: the recipients that were still pending (final
+    /// from now on; a bounce also writes a Bounce record for each).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub recipients: Vec<String>,
 }

@@ -134,10 +134,24 @@ pub struct CompactionReport {
 /// The result of one delivery attempt for one recipient.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    Delivered { reply: String },
-    Deferred { reply: String, next_attempt_ms: u64 },
-    Bounced { reply: String },
-    Expired { reply: String },
+    Delivered {
+        reply: String,
+    },
+    Deferred {
+        reply: String,
+        next_attempt_ms: u64,
+    },
+    Bounced {
+        reply: String,
+    },
+    Expired {
+        reply: String,
+    },
+    /// Not attempted (its destination is suspended): due again at
+    /// `next_attempt_ms`, with its state, attempts and last reply unchanged.
+    Postponed {
+        next_attempt_ms: u64,
+    },
 }
 
 /// What became of a message after outcomes were recorded.
@@ -581,6 +595,9 @@ impl Queue {
                     Outcome::Expired { reply } => {
                         r.state = RecipientState::Expired;
                         r.last_reply = Some(reply.clone());
+                    }
+                    Outcome::Postponed { next_attempt_ms } => {
+                        r.next_attempt_ms = *next_attempt_ms;
                     }
                 }
             }

@@ -820,3 +820,43 @@ async fn a_stored_message_is_due_only_once_the_caller_lets_go() {
     assert_eq!(claims.len(), 1);
     assert_eq!(claims[0].record.id, id);
 }
+
+#[tokio::test]
+async fn a_postponed_recipient_keeps_its_state_and_attempts() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = open(&dir);
+    let msg = message(&q, T0, "acme", &["a@d.example", "b@e.example"]);
+    let id = msg.id;
+    q.enqueue(msg).await.unwrap();
+    let claim = q.claim_due(T0, 1).unwrap().pop().unwrap();
+    q.record_outcomes(
+        claim,
+        vec![
+            (
+                0,
+                Outcome::Postponed {
+                    next_attempt_ms: T0 + 30 * MIN,
+                },
+            ),
+            (
+                1,
+                Outcome::Deferred {
+                    reply: "451 4.4.1 later".into(),
+                    next_attempt_ms: T0 + 10 * MIN,
+                },
+            ),
+        ],
+    )
+    .await
+    .unwrap();
+    let rec = q.get(id).unwrap();
+    assert_eq!(rec.recipients[0].state, RecipientState::Queued);
+    assert_eq!(rec.recipients[0].attempts, 0);
+    assert_eq!(rec.recipients[0].last_reply, None);
+    assert_eq!(rec.recipients[0].next_attempt_ms, T0 + 30 * MIN);
+    assert_eq!(rec.recipients[1].attempts, 1);
+    // Due at the earlier of the two, and only the deferred one is due then.
+    assert!(q.claim_due(T0 + 9 * MIN, 10).unwrap().is_empty());
+    let claim = q.claim_due(T0 + 10 * MIN, 10).unwrap().pop().unwrap();
+    assert!(claim.record.recipients[0].next_attempt_ms > T0 + 10 * MIN);
+}

@@ -45,6 +45,14 @@ fn ids(v: &Value) -> Vec<String> {
         .collect()
 }
 
+fn strs(v: &Value) -> Vec<String> {
+    v.as_array()
+        .expect("a JSON array")
+        .iter()
+        .map(|s| s.as_str().unwrap().to_string())
+        .collect()
+}
+
 fn admin_actions(d: &DaemonProcess) -> Vec<AdminAction> {
     read_log(&d.data_dir)
         .into_iter()
@@ -385,4 +393,272 @@ fn the_api_answers_errors_as_json_with_their_status() {
         Err(mta::admin::ClientError::Api { status: 404, .. }) => {}
         other => panic!("{other:?}"),
     }
+}
+
+/// `mta queue <args> --json` that must fail with `code`; its stderr.
+fn queue_fails(d: &DaemonProcess, args: &[&str], code: i32) -> String {
+    let (got, out, err) = queue(d, args);
+    assert_eq!(got, code, "mta queue {args:?}: {out}{err}");
+    err
+}
+
+fn attempts(d: &DaemonProcess, kind: &str) -> Vec<mta::log::Attempt> {
+    read_log(&d.data_dir)
+        .into_iter()
+        .filter(|r| r.kind() == kind)
+        .filter_map(|r| match r {
+            Record::Delivery(a) | Record::Bounce(a) => Some(a),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn changes_by_filter_name_what_they_matched_and_refuse_an_empty_selection() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = DaemonProcess::start(dir.path(), "");
+    let m1 = submit(d.addr, "news@x.example", &["a@dest.example"], "one");
+    let m2 = submit(
+        d.addr,
+        "news@x.example",
+        &["b@dest.example", "c@other.example"],
+        "two",
+    );
+    let m3 = submit(d.addr, "promo@y.example", &["d@other.example"], "three");
+
+    let held = queue_json(&d, &["hold", "--domain", "dest.example"]);
+    assert_eq!(held["action"], "hold");
+    assert_eq!(held["selector"], "domain=dest.example");
+    assert_eq!(held["matched"], 2);
+    assert_eq!(strs(&held["changed"]), [m1.clone(), m2.clone()]);
+    assert_eq!(
+        ids(&queue_json(&d, &["list", "--state", "held"])),
+        [m1.clone(), m2.clone()]
+    );
+    let (code, out, err) = queue(&d, &["release", "--state", "held"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim(), "release: 2 of 2 message(s) matching state=held");
+    let retried = queue_json(&d, &["retry", "--sender", "promo@y.example"]);
+    assert_eq!(strs(&retried["changed"]), [m3.as_str()]);
+
+    // Nothing named, or an ID and filters both: usage errors, nothing changed.
+    let err = queue_fails(&d, &["delete"], 2);
+    assert!(err.contains("--all") || err.contains("<ID>"), "{err}");
+    queue_fails(&d, &["delete", &m1, "--domain", "dest.example"], 2);
+    let err = queue_fails(&d, &["hold", "--older-than", "soon"], 1);
+    assert!(err.contains("not a duration"), "{err}");
+    assert_eq!(ids(&queue_json(&d, &["list"])).len(), 3);
+
+    let deleted = queue_json(&d, &["delete", "--all"]);
+    assert_eq!(deleted["selector"], "all");
+    assert_eq!(deleted["matched"], 3);
+    assert!(ids(&queue_json(&d, &["list"])).is_empty());
+
+    // One AdminAction per message, each naming the selection.
+    let actions: Vec<(String, String, String)> = admin_actions(&d)
+        .into_iter()
+        .map(|a| {
+            assert_eq!(a.result, "ok");
+            (a.action, a.queue_id, a.selector.unwrap_or_default())
+        })
+        .collect();
+    let want = |action: &str, id: &str, sel: &str| (action.into(), id.into(), sel.into());
+    assert_eq!(
+        actions,
+        [
+            want("hold", &m1, "domain=dest.example"),
+            want("hold", &m2, "domain=dest.example"),
+            want("release", &m1, "state=held"),
+            want("release", &m2, "state=held"),
+            want("retry", &m3, "sender=promo@y.example"),
+            want("delete", &m1, "all"),
+            want("delete", &m2, "all"),
+            want("delete", &m3, "all"),
+        ]
+    );
+}
+
+#[test]
+fn a_bounce_sends_the_sender_a_dsn_and_ends_each_recipient_with_a_bounce_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = DaemonProcess::start(dir.path(), "");
+    let id = submit(
+        d.addr,
+        "news@x.example",
+        &["a@dest.example", "b@dest.example"],
+        "bounce me",
+    );
+    let (_, name) = me();
+    let bounced = queue_json(&d, &["bounce", &id]);
+    assert_eq!(bounced["recipients"][0]["state"], "bounced");
+    assert_eq!(bounced["recipients"][1]["state"], "bounced");
+
+    // The message is gone; in its place the DSN to its sender, from <>.
+    let left = queue_json(&d, &["list"]);
+    assert_eq!(left.as_array().unwrap().len(), 1, "{left}");
+    let dsn_id = left[0]["id"].as_str().unwrap().to_string();
+    assert_eq!(left[0]["sender"], "");
+    assert_eq!(left[0]["recipients"][0]["address"], "news@x.example");
+    let body = queue_json(&d, &["show", &dsn_id, "--body"])["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(body.contains("multipart/report"), "{body}");
+    assert!(body.contains("Status: 5.0.0"), "{body}");
+    assert!(
+        body.contains(&format!(
+            "returned to the sender by the postmaster ({name})"
+        )),
+        "{body}"
+    );
+    assert!(
+        body.contains("Final-Recipient: rfc822; a@dest.example"),
+        "{body}"
+    );
+
+    let bounces = attempts(&d, "Bounce");
+    let got: Vec<(&str, u16, Option<&str>, Option<&str>)> = bounces
+        .iter()
+        .map(|a| {
+            (
+                a.recipient.as_str(),
+                a.reply.code,
+                a.scope.as_deref(),
+                a.dsn_queue_id.as_deref(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("a@dest.example", 550, Some("admin"), Some(dsn_id.as_str())),
+            ("b@dest.example", 550, Some("admin"), Some(dsn_id.as_str())),
+        ]
+    );
+    let action = &admin_actions(&d)[0];
+    assert_eq!(
+        (action.action.as_str(), action.queue_id.as_str()),
+        ("bounce", id.as_str())
+    );
+    assert_eq!(action.recipients, ["a@dest.example", "b@dest.example"]);
+
+    // A bounce of the DSN (null sender) sends no DSN of its own.
+    let (code, out, err) = queue(&d, &["bounce", &dsn_id]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.starts_with(&format!("{dsn_id}: bounced (1 recipient(s)")),
+        "{out}"
+    );
+    assert!(ids(&queue_json(&d, &["list"])).is_empty());
+    let last = attempts(&d, "Bounce").pop().unwrap();
+    assert_eq!(
+        (last.queue_id.as_str(), last.dsn_queue_id),
+        (dsn_id.as_str(), None)
+    );
+}
+
+#[test]
+fn a_suspended_domain_waits_across_a_restart_and_is_delivered_once_resumed() {
+    let port = free_port();
+    let relay: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let sink = Sink::start(relay, SinkConfig::default());
+    let dir = tempfile::tempdir().unwrap();
+    let toml = format!("[delivery]\nrelay_host = \"{relay}\"\nbounces = false\n");
+    let d = DaemonProcess::start(dir.path(), &toml);
+    let (uid, name) = me();
+
+    let s = queue_json(
+        &d,
+        &[
+            "suspend",
+            "Paused.example",
+            "--for",
+            "1h",
+            "--reason",
+            "421 rate limited",
+        ],
+    );
+    assert_eq!(s["domain"], "paused.example");
+    assert_eq!(s["who"], name.as_str());
+    let until = s["until"].as_str().unwrap().to_string();
+    let err = queue_fails(&d, &["suspend", "paused.example", "--for", "soon"], 1);
+    assert!(err.contains("--for 'soon' is not a duration"), "{err}");
+    queue_fails(&d, &["suspend", "paused.example"], 2);
+
+    // One message to both: the open domain is delivered, the suspended one
+    // is postponed to the suspension's end without an attempt.
+    let id = submit(
+        d.addr,
+        "news@x.example",
+        &["a@paused.example", "b@open.example"],
+        "wait for it",
+    );
+    let got = sink.wait_for_messages(1, Duration::from_secs(15));
+    assert_eq!(got[0].rcpt_to, ["b@open.example"]);
+    let shown = eventually("a@paused.example to be postponed", || {
+        let v = queue_json(&d, &["show", &id]);
+        (v["recipients"][0]["next_attempt"] == until.as_str()).then_some(v)
+    });
+    assert_eq!(shown["recipients"][0]["state"], "queued");
+    assert_eq!(shown["recipients"][0]["attempts"], 0);
+    assert_eq!(shown["recipients"][1]["state"], "delivered");
+    assert!(
+        read_log(&d.data_dir)
+            .iter()
+            .all(|r| r.kind() != "TransientFailure"),
+        "a suspended recipient was attempted"
+    );
+
+    // The suspension is on disk: a restart keeps it.
+    assert_eq!(d.terminate().code(), Some(0));
+    let d = DaemonProcess::start(dir.path(), &toml);
+    let list = queue_json(&d, &["suspensions"]);
+    assert_eq!(list[0]["domain"], "paused.example");
+    assert_eq!(list[0]["until"], until.as_str());
+    assert_eq!(list[0]["reason"], "421 rate limited");
+    let (code, out, _) = queue(&d, &["suspensions"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.starts_with("DOMAIN") && out.contains("paused.example"),
+        "{out}"
+    );
+
+    let resumed = queue_json(&d, &["resume", "paused.example"]);
+    assert_eq!(resumed["retried"], 1);
+    assert_eq!(resumed["lifted"]["domain"], "paused.example");
+    let got = sink.wait_for_messages(2, Duration::from_secs(15));
+    assert_eq!(got[1].rcpt_to, ["a@paused.example"]);
+    eventually("the message to leave the queue", || {
+        ids(&queue_json(&d, &["list"])).is_empty().then_some(())
+    });
+    let delivered: Vec<String> = eventually("both Delivery records", || {
+        let all = attempts(&d, "Delivery");
+        (all.len() == 2).then_some(all)
+    })
+    .into_iter()
+    .map(|a| a.recipient)
+    .collect();
+    assert_eq!(delivered, ["b@open.example", "a@paused.example"]);
+    let (code, out, _) = queue(&d, &["resume", "paused.example"]);
+    assert_eq!((code, out.trim()), (0, "paused.example: was not suspended"));
+    assert_eq!(queue_json(&d, &["suspensions"]), serde_json::json!([]));
+
+    let actions: Vec<(String, String)> = admin_actions(&d)
+        .into_iter()
+        .map(|a| {
+            assert_eq!((a.uid, a.who.as_str()), (Some(uid), name.as_str()));
+            (a.action, a.selector.unwrap_or_default())
+        })
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            (
+                "suspend".to_string(),
+                format!("domain=paused.example until={until}")
+            ),
+            ("resume".to_string(), "domain=paused.example".to_string()),
+            ("resume".to_string(), "domain=paused.example".to_string()),
+        ]
+    );
 }

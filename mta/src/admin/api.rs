@@ -21,6 +21,9 @@ pub struct MessageView {
     pub peer_ip: Option<String>,
     pub auth_user: Option<String>,
     pub message_id: Option<String>,
+    /// Our DKIM signatures: `d=… s=… a=…`.
+    #[serde(default)]
+    pub dkim: Vec<String>,
     pub recipients: Vec<RecipientView>,
     /// `show` without `--body`: the header section (lossy UTF-8).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -37,20 +40,16 @@ pub struct RecipientView {
     pub state: String,
     pub attempts: u32,
     pub last_reply: Option<String>,
+    /// A pending recipient's next attempt, RFC 3339 UTC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_attempt: Option<String>,
 }
 
 impl MessageView {
     pub fn from_record(rec: &MessageRecord) -> MessageView {
         MessageView {
             id: rec.id.to_string(),
-            received: time::OffsetDateTime::from_unix_timestamp_nanos(
-                rec.received_ms as i128 * 1_000_000,
-            )
-            .ok()
-            .and_then(|t| {
-                t.format(&time::format_description::well_known::Rfc3339)
-                    .ok()
-            }),
+            received: Some(rfc3339_ms(rec.received_ms)).filter(|t| !t.is_empty()),
             state: rec.state().as_str().to_string(),
             tenant: rec.tenant.clone(),
             sender: rec.sender.clone(),
@@ -58,6 +57,7 @@ impl MessageView {
             peer_ip: rec.submission.peer_ip.clone(),
             auth_user: rec.submission.auth_user.clone(),
             message_id: rec.submission.message_id.clone(),
+            dkim: rec.submission.dkim.clone(),
             recipients: rec
                 .recipients
                 .iter()
@@ -66,6 +66,7 @@ impl MessageView {
                     state: r.state.as_str().to_string(),
                     attempts: r.attempts,
                     last_reply: r.last_reply.clone(),
+                    next_attempt: (!r.state.is_final()).then(|| rfc3339_ms(r.next_attempt_ms)),
                 })
                 .collect(),
             headers: None,
@@ -105,14 +106,86 @@ impl MessageView {
 
     /// After a delete: the recipients that were pending are `deleted`.
     pub fn mark_deleted(&mut self) {
+        self.mark_pending(RecipientState::Deleted);
+    }
+
+    /// After a bounce: the recipients that were pending are `bounced`.
+    pub fn mark_bounced(&mut self) {
+        self.mark_pending(RecipientState::Bounced);
+    }
+
+    fn mark_pending(&mut self, state: RecipientState) {
         for r in self
             .recipients
             .iter_mut()
             .filter(|r| r.state == "queued" || r.state == "deferred")
         {
-            r.state = RecipientState::Deleted.as_str().to_string();
+            r.state = state.as_str().to_string();
         }
     }
+}
+
+/// The answer to an action on every message matching filters.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BulkView {
+    /// `hold`, `release`, `retry`, `delete` or `bounce`.
+    pub action: String,
+    /// The filters, as the AdminAction records name them: `domain=example.com tenant=acme`.
+    pub selector: String,
+    /// Messages that matched.
+    pub matched: usize,
+    /// Their IDs, where the action succeeded.
+    pub changed: Vec<String>,
+    /// Where it did not (a message that left the queue meanwhile, say).
+    pub failed: Vec<BulkFailure>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BulkFailure {
+    pub id: String,
+    pub error: String,
+}
+
+/// A suspended destination domain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SuspensionView {
+    pub domain: String,
+    /// When it ends, RFC 3339 UTC.
+    pub until: String,
+    pub who: String,
+    pub reason: String,
+}
+
+impl SuspensionView {
+    pub fn from_suspension(s: &crate::delivery::suspend::Suspension) -> SuspensionView {
+        SuspensionView {
+            domain: s.domain.clone(),
+            until: rfc3339_ms(s.until_ms),
+            who: s.who.clone(),
+            reason: s.reason.clone(),
+        }
+    }
+}
+
+/// The answer to lifting a suspension.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResumeView {
+    pub domain: String,
+    /// The suspension lifted; `None` when the domain was not suspended.
+    pub lifted: Option<SuspensionView>,
+    /// Messages with recipients at the domain made due now.
+    pub retried: usize,
+}
+
+/// Milliseconds since the epoch as RFC 3339 UTC.
+pub fn rfc3339_ms(ms: u64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
 }
 
 /// One row of [`SummaryView`]: [`queue::SummaryRow`] in a form both sides
@@ -203,20 +276,80 @@ impl ListQuery {
         })
     }
 
-    fn to_query(&self) -> String {
-        let mut parts = Vec::new();
+    /// No filter at all (a bulk action would touch every message).
+    pub fn is_empty(&self) -> bool {
+        self.domain.is_none()
+            && self.tenant.is_none()
+            && self.state.is_none()
+            && self.older_than.is_none()
+            && self.sender.is_none()
+    }
+
+    /// The filters as words: `domain=example.com state=deferred`, or `all`.
+    pub fn selector(&self) -> String {
         let limit = self.limit.map(|l| l.to_string());
-        for (k, v) in [
+        let words: Vec<String> = self
+            .fields(&limit)
+            .into_iter()
+            .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={v}")))
+            .collect();
+        if words.is_empty() {
+            "all".into()
+        } else {
+            words.join(" ")
+        }
+    }
+
+    fn fields<'a>(&'a self, limit: &'a Option<String>) -> [(&'static str, &'a Option<String>); 6] {
+        [
             ("domain", &self.domain),
             ("tenant", &self.tenant),
             ("state", &self.state),
             ("older_than", &self.older_than),
             ("sender", &self.sender),
-            ("limit", &limit),
-        ] {
+            ("limit", limit),
+        ]
+    }
+
+    /// Reads the filter parameters out of `pairs`; others are left.
+    fn take(&mut self, k: &str, v: String) -> Result<bool, BadRequest> {
+        match k {
+            "domain" => self.domain = Some(v),
+            "tenant" => self.tenant = Some(v),
+            "state" => {
+                parse_state(&v).map_err(bad)?;
+                self.state = Some(v)
+            }
+            "older_than" => {
+                parse_age(&v).map_err(bad)?;
+                self.older_than = Some(v)
+            }
+            "sender" => self.sender = Some(v),
+            "limit" => {
+                self.limit = Some(
+                    v.parse()
+                        .map_err(|_| bad(format!("limit '{v}' is not a non-negative number")))?,
+                )
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    fn to_query(&self) -> String {
+        self.to_query_with(&[])
+    }
+
+    fn to_query_with(&self, extra: &[(&str, &str)]) -> String {
+        let mut parts = Vec::new();
+        let limit = self.limit.map(|l| l.to_string());
+        for (k, v) in self.fields(&limit) {
             if let Some(v) = v {
                 parts.push(format!("{k}={}", percent_encode(v)));
             }
+        }
+        for (k, v) in extra {
+            parts.push(format!("{k}={}", percent_encode(v)));
         }
         if parts.is_empty() {
             String::new()
@@ -233,6 +366,8 @@ pub enum Action {
     Release,
     Retry,
     Delete,
+    /// Every pending recipient fails now; the sender gets a DSN.
+    Bounce,
 }
 
 impl Action {
@@ -242,7 +377,19 @@ impl Action {
             Action::Release => "release",
             Action::Retry => "retry",
             Action::Delete => "delete",
+            Action::Bounce => "bounce",
         }
+    }
+
+    fn parse(s: &str) -> Option<Action> {
+        Some(match s {
+            "hold" => Action::Hold,
+            "release" => Action::Release,
+            "retry" => Action::Retry,
+            "delete" => Action::Delete,
+            "bounce" => Action::Bounce,
+            _ => return None,
+        })
     }
 }
 
@@ -250,9 +397,33 @@ impl Action {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
     List(ListQuery),
-    Show { id: QueueId, body: bool },
+    Show {
+        id: QueueId,
+        body: bool,
+    },
     Summary(SummaryBy),
-    Change { id: QueueId, action: Action },
+    Change {
+        id: QueueId,
+        action: Action,
+    },
+    /// An action on every message the filters match; `all` must be set
+    /// when there are no filters, so that no one empties the queue by
+    /// forgetting one.
+    Bulk {
+        action: Action,
+        query: ListQuery,
+        all: bool,
+    },
+    Suspensions,
+    /// Suspends a destination domain for `duration` (`30m`, `4h`).
+    Suspend {
+        domain: String,
+        duration: String,
+        reason: Option<String>,
+    },
+    Resume {
+        domain: String,
+    },
 }
 
 /// Why a request was not understood: the status to answer and what to say.
@@ -273,7 +444,7 @@ fn not_found(method: &str, path: &str) -> BadRequest {
     BadRequest {
         status: 404,
         message: format!(
-            "no such endpoint: {method} {path} (see /v1/messages, /v1/messages/{{id}}, /v1/summary)"
+            "no such endpoint: {method} {path} (see /v1/messages, /v1/messages/{{id}}, /v1/summary, /v1/actions/{{action}}, /v1/suspensions)"
         ),
     }
 }
@@ -316,28 +487,8 @@ impl Route {
         match (method, segments.as_slice()) {
             ("GET", ["messages"]) => {
                 let mut q = ListQuery::default();
-                for (k, v) in query_pairs(
-                    query,
-                    &["domain", "tenant", "state", "older_than", "sender", "limit"],
-                )? {
-                    match k.as_str() {
-                        "domain" => q.domain = Some(v),
-                        "tenant" => q.tenant = Some(v),
-                        "state" => {
-                            parse_state(&v).map_err(bad)?;
-                            q.state = Some(v)
-                        }
-                        "older_than" => {
-                            parse_age(&v).map_err(bad)?;
-                            q.older_than = Some(v)
-                        }
-                        "sender" => q.sender = Some(v),
-                        _ => {
-                            q.limit = Some(v.parse().map_err(|_| {
-                                bad(format!("limit '{v}' is not a non-negative number"))
-                            })?)
-                        }
-                    }
+                for (k, v) in query_pairs(query, FILTERS)? {
+                    q.take(&k, v)?;
                 }
                 Ok(Route::List(q))
             }
@@ -365,11 +516,9 @@ impl Route {
                 Ok(Route::Summary(by))
             }
             ("POST", ["messages", id, action]) => {
-                let action = match *action {
-                    "hold" => Action::Hold,
-                    "release" => Action::Release,
-                    "retry" => Action::Retry,
-                    _ => return Err(not_found(method, path)),
+                let action = match Action::parse(action) {
+                    Some(Action::Delete) | None => return Err(not_found(method, path)),
+                    Some(a) => a,
                 };
                 query_pairs(query, &[])?;
                 Ok(Route::Change {
@@ -384,12 +533,84 @@ impl Route {
                     action: Action::Delete,
                 })
             }
-            (_, ["messages"] | ["messages", _] | ["summary"] | ["messages", _, _]) => {
-                Err(BadRequest {
-                    status: 405,
-                    message: format!("{method} is not allowed on {path}"),
+            ("POST", ["actions", action]) => {
+                let action = Action::parse(action).ok_or_else(|| {
+                    bad(format!(
+                        "'{action}' is not an action: hold, release, retry, delete or bounce"
+                    ))
+                })?;
+                let mut known = FILTERS.to_vec();
+                known.push("all");
+                let mut q = ListQuery::default();
+                let mut all = false;
+                for (k, v) in query_pairs(query, &known)? {
+                    if !q.take(&k, v.clone())? {
+                        all = parse_bool("all", &v)?;
+                    }
+                }
+                if q.is_empty() && !all {
+                    return Err(bad(
+                        "name the messages: at least one of domain, tenant, state, older_than, sender, or all=true for every message",
+                    ));
+                }
+                Ok(Route::Bulk {
+                    action,
+                    query: q,
+                    all,
                 })
             }
+            ("GET", ["suspensions"]) => {
+                query_pairs(query, &[])?;
+                Ok(Route::Suspensions)
+            }
+            ("POST", ["suspensions", domain]) => {
+                let domain = percent_decode(domain)
+                    .ok_or_else(|| bad(format!("bad percent-encoding in '{domain}'")))?;
+                check_domain(&domain)?;
+                let (mut duration, mut reason) = (None, None);
+                for (k, v) in query_pairs(query, &["for", "reason"])? {
+                    if k == "for" {
+                        let d = parse_age(&v).map_err(|_| {
+                            bad(format!(
+                                "for '{v}' is not a duration: write it like 30m, 4h or 1d"
+                            ))
+                        })?;
+                        if d.is_zero() {
+                            return Err(bad("for must be longer than 0"));
+                        }
+                        duration = Some(v);
+                    } else {
+                        reason = Some(v);
+                    }
+                }
+                Ok(Route::Suspend {
+                    domain,
+                    duration: duration.ok_or_else(|| {
+                        bad("say for how long: for=30m, for=4h (a suspension always ends)")
+                    })?,
+                    reason,
+                })
+            }
+            ("DELETE", ["suspensions", domain]) => {
+                let domain = percent_decode(domain)
+                    .ok_or_else(|| bad(format!("bad percent-encoding in '{domain}'")))?;
+                check_domain(&domain)?;
+                query_pairs(query, &[])?;
+                Ok(Route::Resume { domain })
+            }
+            (
+                _,
+                ["messages"]
+                | ["messages", _]
+                | ["summary"]
+                | ["messages", _, _]
+                | ["actions", _]
+                | ["suspensions"]
+                | ["suspensions", _],
+            ) => Err(BadRequest {
+                status: 405,
+                message: format!("{method} is not allowed on {path}"),
+            }),
             _ => Err(not_found(method, path)),
         }
     }
@@ -419,7 +640,67 @@ impl Route {
             Route::Change { id, action } => {
                 ("POST", format!("/v1/messages/{id}/{}", action.as_str()))
             }
+            Route::Bulk { action, query, all } => {
+                let extra: &[(&str, &str)] = if *all { &[("all", "true")] } else { &[] };
+                (
+                    "POST",
+                    format!(
+                        "/v1/actions/{}{}",
+                        action.as_str(),
+                        query.to_query_with(extra)
+                    ),
+                )
+            }
+            Route::Suspensions => ("GET", "/v1/suspensions".into()),
+            Route::Suspend {
+                domain,
+                duration,
+                reason,
+            } => {
+                let mut target = format!(
+                    "/v1/suspensions/{}?for={}",
+                    percent_encode(domain),
+                    percent_encode(duration)
+                );
+                if let Some(r) = reason {
+                    target.push_str(&format!("&reason={}", percent_encode(r)));
+                }
+                ("POST", target)
+            }
+            Route::Resume { domain } => (
+                "DELETE",
+                format!("/v1/suspensions/{}", percent_encode(domain)),
+            ),
         }
+    }
+}
+
+/// The filter parameters of listings and bulk actions.
+const FILTERS: &[&str] = &["domain", "tenant", "state", "older_than", "sender", "limit"];
+
+fn parse_bool(name: &str, v: &str) -> Result<bool, BadRequest> {
+    match v {
+        "true" | "1" | "" => Ok(true),
+        "false" | "0" => Ok(false),
+        other => Err(bad(format!("{name} '{other}' is not true or false"))),
+    }
+}
+
+/// A destination domain as suspensions name it: letters, digits, dots and
+/// hyphens (an A-label for IDNs).
+fn check_domain(d: &str) -> Result<(), BadRequest> {
+    let ok = !d.is_empty()
+        && d.len() <= 253
+        && d.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+        && !d.starts_with('.')
+        && !d.ends_with('.');
+    if ok {
+        Ok(())
+    } else {
+        Err(bad(format!(
+            "'{d}' is not a domain name (write an IDN as its A-label, xn--...)"
+        )))
     }
 }
 
@@ -451,6 +732,33 @@ mod tests {
                 id,
                 action: Action::Delete,
             },
+            Route::Change {
+                id,
+                action: Action::Bounce,
+            },
+            Route::Bulk {
+                action: Action::Retry,
+                query: ListQuery {
+                    domain: Some("gmail.example".into()),
+                    state: Some("deferred".into()),
+                    ..Default::default()
+                },
+                all: false,
+            },
+            Route::Bulk {
+                action: Action::Delete,
+                query: ListQuery::default(),
+                all: true,
+            },
+            Route::Suspensions,
+            Route::Suspend {
+                domain: "gmail.example".into(),
+                duration: "4h".into(),
+                reason: Some("421 rate limited & blocklisted".into()),
+            },
+            Route::Resume {
+                domain: "gmail.example".into(),
+            },
         ];
         for r in routes {
             let (m, t) = r.to_request();
@@ -471,5 +779,41 @@ mod tests {
         assert!(e.message.contains("not a queue ID"));
         assert_eq!(Route::parse("GET", "/v2/x").unwrap_err().status, 404);
         assert_eq!(Route::parse("PUT", "/v1/summary").unwrap_err().status, 405);
+    }
+
+    #[test]
+    fn bulk_actions_need_a_filter_or_all() {
+        let e = Route::parse("POST", "/v1/actions/delete").unwrap_err();
+        assert_eq!(e.status, 400);
+        assert!(e.message.contains("all=true"), "{}", e.message);
+        let e = Route::parse("POST", "/v1/actions/explode?all=true").unwrap_err();
+        assert!(e.message.contains("not an action"), "{}", e.message);
+        assert!(Route::parse("POST", "/v1/actions/hold?all=maybe").is_err());
+        assert_eq!(
+            ListQuery {
+                domain: Some("d.example".into()),
+                older_than: Some("1h".into()),
+                ..Default::default()
+            }
+            .selector(),
+            "domain=d.example older_than=1h"
+        );
+        assert_eq!(ListQuery::default().selector(), "all");
+    }
+
+    #[test]
+    fn suspensions_need_a_domain_and_a_duration() {
+        let e = Route::parse("POST", "/v1/suspensions/d.example").unwrap_err();
+        assert!(e.message.contains("for how long"), "{}", e.message);
+        let e = Route::parse("POST", "/v1/suspensions/d.example?for=soon").unwrap_err();
+        assert!(e.message.contains("not a duration"), "{}", e.message);
+        let e = Route::parse("POST", "/v1/suspensions/not%20a%20domain?for=1h").unwrap_err();
+        assert!(e.message.contains("not a domain"), "{}", e.message);
+        assert_eq!(
+            Route::parse("PUT", "/v1/suspensions/d.example")
+                .unwrap_err()
+                .status,
+            405
+        );
     }
 }

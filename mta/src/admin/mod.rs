@@ -9,6 +9,11 @@
 //! | `GET /v1/summary?by=domain\|tenant` | `SummaryView` |
 //! | `POST /v1/messages/{id}/hold`, `/release`, `/retry` | the updated `MessageView` |
 //! | `DELETE /v1/messages/{id}` | the deleted `MessageView` (pending recipients `deleted`) |
+//! | `POST /v1/messages/{id}/bounce` | the bounced `MessageView` (pending recipients `bounced`; the sender gets a DSN) |
+//! | `POST /v1/actions/{hold\|release\|retry\|delete\|bounce}?<filters of GET /v1/messages>[&all=true]` | `BulkView`: what matched, what changed, what failed; no filter needs `all=true` |
+//! | `GET /v1/suspensions` | `[SuspensionView]` |
+//! | `POST /v1/suspensions/{domain}?for=4h[&reason=]` | the `SuspensionView`: no attempts to the domain until then |
+//! | `DELETE /v1/suspensions/{domain}` | `ResumeView`; its messages are due now |
 //!
 //! Errors are `{"error": "..."}` with 404 (no such message), 400 (a bad
 //! parameter, named) or 500. Every mutating call writes an `AdminAction`
@@ -23,7 +28,8 @@ pub mod server;
 use std::path::{Path, PathBuf};
 
 pub use api::{
-    Action, ApiError, ListQuery, MessageView, RecipientView, Route, SummaryRowView, SummaryView,
+    Action, ApiError, BulkFailure, BulkView, ListQuery, MessageView, RecipientView, ResumeView,
+    Route, SummaryRowView, SummaryView, SuspensionView,
 };
 pub use client::{AdminClient, ClientError};
 pub use server::{bind, serve};

@@ -6,14 +6,19 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use queue::{Queue, QueueError};
+use queue::{Filter, Queue, QueueError, QueueId};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
-use super::api::{Action, ApiError, MessageView, Route, SummaryView};
+use super::api::{
+    Action, ApiError, BulkFailure, BulkView, MessageView, ResumeView, Route, SummaryView,
+    SuspensionView, rfc3339_ms,
+};
 use super::http::{self, MAX_REQUEST_BYTES};
 use crate::clock::Clock;
+use crate::delivery::Delivery;
+use crate::delivery::suspend::Suspension;
 use crate::log::{AdminAction, Record, TransactionLog};
 
 /// How long a client may take to send its request, and we to answer.
@@ -46,6 +51,8 @@ pub struct State {
     pub clock: Arc<dyn Clock>,
     /// Wakes the delivery scheduler after a release or retry.
     pub wake: Arc<tokio::sync::Notify>,
+    /// Bounces (with their DSNs) and suspensions.
+    pub delivery: Arc<Delivery>,
 }
 
 /// Serves the admin API until `shutdown` turns true, then removes the socket.
@@ -210,61 +217,218 @@ async fn handle(state: &State, route: Route, who: &Peer) -> (u16, Vec<u8>) {
                 Err(e) => queue_error(&e),
             }
         }
-        Route::Change { id, action } => {
-            let result = match action {
-                Action::Hold => q.hold(id).await,
-                Action::Release => q.release(id).await,
-                Action::Retry => q.retry_now(id, state.clock.now_ms()).await,
-                Action::Delete => q.delete(id).await,
+        Route::Change { id, action } => match apply(state, id, action, who, None).await {
+            Ok(v) => ok(&v),
+            Err(e) => queue_error(&e),
+        },
+        Route::Bulk { action, query, .. } => {
+            let filter = match query.filter(state.clock.now_ms()) {
+                Ok(f) => f,
+                Err(e) => return error(400, &e),
             };
-            let view = result.as_ref().ok().map(|rec| {
-                let mut v = MessageView::from_record(rec);
-                if action == Action::Delete {
-                    v.mark_deleted();
+            let records = match blocking(move || q.list(&filter)).await {
+                Ok(r) => r,
+                Err(e) => return queue_error(&e),
+            };
+            let selector = query.selector();
+            let mut view = BulkView {
+                action: action.as_str().to_string(),
+                selector: selector.clone(),
+                matched: records.len(),
+                changed: Vec::new(),
+                failed: Vec::new(),
+            };
+            for rec in records {
+                match apply(state, rec.id, action, who, Some(&selector)).await {
+                    Ok(_) => view.changed.push(rec.id.to_string()),
+                    Err(e) => view.failed.push(BulkFailure {
+                        id: rec.id.to_string(),
+                        error: e.to_string(),
+                    }),
                 }
-                v
-            });
-            let recipients = match (&result, action) {
-                (Ok(rec), Action::Delete) => rec
-                    .recipients
-                    .iter()
-                    .filter(|r| !r.state.is_final())
-                    .map(|r| r.address.clone())
-                    .collect(),
-                _ => Vec::new(),
-            };
-            state
-                .log
-                .write_acked(Record::AdminAction(AdminAction {
-                    timestamp: time::OffsetDateTime::from(state.clock.now()),
-                    action: action.as_str().to_string(),
-                    queue_id: id.to_string(),
-                    who: who.name.clone(),
-                    uid: who.uid,
-                    result: match &result {
-                        Ok(_) => "ok".to_string(),
-                        Err(e) => e.to_string(),
-                    },
-                    recipients,
-                }))
-                .await;
-            if result.is_ok() && matches!(action, Action::Release | Action::Retry) {
-                state.wake.notify_one();
             }
-            tracing::info!(
-                action = action.as_str(),
-                queue_id = %id,
-                who = %who.name,
-                ok = result.is_ok(),
-                "admin action"
+            ok(&view)
+        }
+        Route::Suspensions => ok(&state
+            .delivery
+            .suspensions()
+            .list(state.clock.now_ms())
+            .iter()
+            .map(SuspensionView::from_suspension)
+            .collect::<Vec<_>>()),
+        Route::Suspend {
+            domain,
+            duration,
+            reason,
+        } => {
+            let length = match super::api::parse_age(&duration) {
+                Ok(d) => d,
+                Err(e) => return error(400, &e),
+            };
+            let until_ms = state
+                .clock
+                .now_ms()
+                .saturating_add(length.as_millis() as u64);
+            let suspension = Suspension {
+                domain: domain.to_lowercase(),
+                until_ms,
+                who: who.name.clone(),
+                reason: reason.unwrap_or_default(),
+            };
+            let sus = state.delivery.suspensions().clone();
+            let result = tokio::task::spawn_blocking(move || sus.suspend(suspension))
+                .await
+                .expect("saving suspensions does not panic");
+            let selector = format!(
+                "domain={} until={}",
+                domain.to_lowercase(),
+                rfc3339_ms(until_ms)
             );
-            match (result, view) {
-                (Ok(_), Some(v)) => ok(&v),
-                (Err(e), _) => queue_error(&e),
-                (Ok(_), None) => error(500, "no record"),
+            let outcome = result.as_ref().map(|_| ()).map_err(|e| e.to_string());
+            record(
+                state,
+                "suspend",
+                "",
+                who,
+                Some(selector),
+                &outcome,
+                Vec::new(),
+            )
+            .await;
+            match result {
+                Ok(s) => ok(&SuspensionView::from_suspension(&s)),
+                Err(e) => error(500, &e.to_string()),
             }
         }
+        Route::Resume { domain } => {
+            let sus = state.delivery.suspensions().clone();
+            let d = domain.clone();
+            let result = tokio::task::spawn_blocking(move || sus.resume(&d))
+                .await
+                .expect("saving suspensions does not panic");
+            let outcome = result.as_ref().map(|_| ()).map_err(|e| e.to_string());
+            let selector = Some(format!("domain={}", domain.to_lowercase()));
+            record(state, "resume", "", who, selector, &outcome, Vec::new()).await;
+            let lifted = match result {
+                Ok(l) => l,
+                Err(e) => return error(500, &e.to_string()),
+            };
+            // The domain's recipients were postponed to the suspension's
+            // end: make them due now.
+            let filter = Filter {
+                domain: Some(domain.clone()),
+                ..Default::default()
+            };
+            let mut retried = 0;
+            if lifted.is_some()
+                && let Ok(records) = blocking(move || q.list(&filter)).await
+            {
+                let now = state.clock.now_ms();
+                for rec in records {
+                    if state.queue.retry_now(rec.id, now).await.is_ok() {
+                        retried += 1;
+                    }
+                }
+                state.wake.notify_one();
+            }
+            ok(&ResumeView {
+                domain: domain.to_lowercase(),
+                lifted: lifted.as_ref().map(SuspensionView::from_suspension),
+                retried,
+            })
+        }
     }
+}
+
+/// One action on one message, with its AdminAction record.
+async fn apply(
+    state: &State,
+    id: QueueId,
+    action: Action,
+    who: &Peer,
+    selector: Option<&str>,
+) -> Result<MessageView, QueueError> {
+    let q = &state.queue;
+    let result = match action {
+        Action::Hold => q.hold(id).await,
+        Action::Release => q.release(id).await,
+        Action::Retry => q.retry_now(id, state.clock.now_ms()).await,
+        Action::Delete => q.delete(id).await,
+        Action::Bounce => state
+            .delivery
+            .bounce_now(id, &who.name)
+            .await
+            .map(|b| b.record),
+    };
+    let pending = |rec: &queue::MessageRecord| {
+        rec.recipients
+            .iter()
+            .filter(|r| !r.state.is_final())
+            .map(|r| r.address.clone())
+            .collect()
+    };
+    let recipients = match (&result, action) {
+        (Ok(rec), Action::Delete | Action::Bounce) => pending(rec),
+        _ => Vec::new(),
+    };
+    let outcome = result.as_ref().map(|_| ()).map_err(|e| e.to_string());
+    record(
+        state,
+        action.as_str(),
+        &id.to_string(),
+        who,
+        selector.map(str::to_string),
+        &outcome,
+        recipients,
+    )
+    .await;
+    if result.is_ok() && matches!(action, Action::Release | Action::Retry) {
+        state.wake.notify_one();
+    }
+    let rec = result?;
+    let mut v = MessageView::from_record(&rec);
+    match action {
+        Action::Delete => v.mark_deleted(),
+        Action::Bounce => v.mark_bounced(),
+        _ => {}
+    }
+    Ok(v)
+}
+
+/// Writes the AdminAction record of a call (before answering it).
+async fn record(
+    state: &State,
+    action: &str,
+    queue_id: &str,
+    who: &Peer,
+    selector: Option<String>,
+    outcome: &Result<(), String>,
+    recipients: Vec<String>,
+) {
+    state
+        .log
+        .write_acked(Record::AdminAction(AdminAction {
+            timestamp: time::OffsetDateTime::from(state.clock.now()),
+            action: action.to_string(),
+            queue_id: queue_id.to_string(),
+            selector: selector.clone(),
+            who: who.name.clone(),
+            uid: who.uid,
+            result: match outcome {
+                Ok(()) => "ok".to_string(),
+                Err(e) => e.clone(),
+            },
+            recipients,
+        }))
+        .await;
+    tracing::info!(
+        action,
+        queue_id,
+        selector = selector.as_deref().unwrap_or(""),
+        who = %who.name,
+        ok = outcome.is_ok(),
+        "admin action"
+    );
 }
 
 #[cfg(test)]

@@ -14,11 +14,13 @@
 //! Trust boundary: MX hosts and DNS answers are untrusted input; nothing
 //! they say is executed or stored other than as reply text.
 
+mod bounce;
 pub mod client;
 pub mod destination;
 pub mod dsn;
 pub mod outcome;
 pub mod route;
+pub mod suspend;
 pub mod tls;
 
 use std::collections::{BTreeMap, HashMap};
@@ -43,6 +45,7 @@ use client::{ConnInfo, Connection, Envelope, Params, TlsState};
 use destination::{Destination, Job, JobResult};
 use outcome::{Failure, RcptResult, Scope};
 use route::Host;
+use suspend::Suspensions;
 use tls::ClientTls;
 
 /// Recipients per transaction: RFC 5321 §4.5.3.1.8 obliges servers to
@@ -83,6 +86,7 @@ pub struct Delivery {
     rng: Mutex<rand::rngs::StdRng>,
     stopping: AtomicBool,
     spf: Option<Arc<SpfChecker>>,
+    suspensions: Arc<Suspensions>,
     /// Reception wakes the scheduler with this after each accepted message.
     pub wake: Arc<Notify>,
 }
@@ -109,6 +113,8 @@ pub struct Parts {
     pub spf: Option<Arc<SpfChecker>>,
     /// Seed for shuffling MX hosts and jitter; `None` seeds from the OS.
     pub seed: Option<u64>,
+    /// Destination domains not to be attempted for now.
+    pub suspensions: Arc<Suspensions>,
 }
 
 /// Where one recipient's attempt went.
@@ -144,6 +150,7 @@ impl Delivery {
             rng: Mutex::new(rng),
             stopping: AtomicBool::new(false),
             spf: p.spf,
+            suspensions: p.suspensions,
             wake: p.wake,
         })
     }
@@ -202,6 +209,11 @@ impl Delivery {
         self.stopping.store(true, Ordering::SeqCst);
     }
 
+    /// The destination domains suspended by a postmaster.
+    pub fn suspensions(&self) -> &Arc<Suspensions> {
+        &self.suspensions
+    }
+
     /// Messages being delivered now.
     pub fn in_flight(&self) -> usize {
         self.settings.delivery.max_in_flight - self.in_flight.available_permits()
@@ -218,7 +230,31 @@ impl Delivery {
             .filter(|(_, r)| !r.state.is_final() && r.next_attempt_ms <= now_ms)
             .map(|(i, _)| i)
             .collect();
+        // Recipients at a suspended domain wait, without an attempt, until
+        // the suspension ends.
+        let (due, postponed): (Vec<usize>, Vec<usize>) = due.into_iter().partition(|&i| {
+            self.suspensions
+                .until(&rec.recipients[i].domain, now_ms)
+                .is_none()
+        });
+        let postponed: Vec<(usize, Outcome)> = postponed
+            .into_iter()
+            .filter_map(|i| {
+                let until = self.suspensions.until(&rec.recipients[i].domain, now_ms)?;
+                Some((
+                    i,
+                    Outcome::Postponed {
+                        next_attempt_ms: until,
+                    },
+                ))
+            })
+            .collect();
         if due.is_empty() {
+            if !postponed.is_empty()
+                && let Err(e) = self.queue.record_outcomes(claim, postponed).await
+            {
+                tracing::error!(queue_id = %rec.id, error = %e, "cannot postpone recipients of a suspended domain");
+            }
             return;
         }
         let results: Vec<(usize, RcptResult, Via)> = match self.queue.content(rec.id) {
@@ -235,7 +271,7 @@ impl Delivery {
                     .collect()
             }
         };
-        self.settle(claim, rec, results).await;
+        self.settle(claim, rec, results, postponed).await;
     }
 
     /// Sends the due recipients, grouped by destination.
@@ -357,9 +393,11 @@ impl Delivery {
         claim: Claim,
         rec: MessageRecord,
         results: Vec<(usize, RcptResult, Via)>,
+        postponed: Vec<(usize, Outcome)>,
     ) {
         if results.is_empty() {
-            // Nothing was attempted (shutdown): the claim goes back as it was.
+            // Nothing was attempted (shutdown): the claim goes back as it
+            // was; postponed recipients are due again and postponed again.
             drop(claim);
             return;
         }
@@ -369,7 +407,7 @@ impl Delivery {
         let expires_ms = rec
             .received_ms
             .saturating_add(d.max_lifetime.as_millis() as u64);
-        let mut outcomes = Vec::with_capacity(results.len());
+        let mut outcomes = postponed;
         let mut logged = Vec::with_capacity(results.len());
         for (i, result, via) in results {
             let r = &rec.recipients[i];
@@ -530,13 +568,6 @@ impl Delivery {
         failed: &[&Settled],
         now: SystemTime,
     ) -> Option<String> {
-        let original = match self.queue.content(rec.id) {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::error!(queue_id = %rec.id, error = %e, "cannot read the message for its DSN");
-                Vec::new()
-            }
-        };
         let recipients: Vec<dsn::DsnRecipient> = failed
             .iter()
             .map(|Settled { i, result, via, .. }| {
@@ -558,6 +589,30 @@ impl Delivery {
                 }
             })
             .collect();
+        match self.queue_dsn(rec, &recipients, now).await {
+            Ok(id) => Some(id),
+            Err(e) => {
+                tracing::error!(queue_id = %rec.id, error = %e, "cannot queue a DSN");
+                None
+            }
+        }
+    }
+
+    /// Builds, signs and queues a DSN to `rec`'s sender about `recipients`;
+    /// the DSN's queue ID once it is durable.
+    async fn queue_dsn(
+        &self,
+        rec: &MessageRecord,
+        recipients: &[dsn::DsnRecipient],
+        now: SystemTime,
+    ) -> Result<String, queue::QueueError> {
+        let original = match self.queue.content(rec.id) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(queue_id = %rec.id, error = %e, "cannot read the message for its DSN");
+                Vec::new()
+            }
+        };
         let hostname = self.settings.hostname.clone();
         let id = self.queue.next_id(millis(now));
         let token: u64 = self.rng.lock().expect("rng lock").random();
@@ -569,7 +624,7 @@ impl Delivery {
             queue_id: &queue_id,
             original_sender: &rec.sender,
             arrival: std::time::UNIX_EPOCH + Duration::from_millis(rec.received_ms),
-            recipients: &recipients,
+            recipients,
             original: &original,
             now,
             message_id: &message_id,
@@ -616,18 +671,11 @@ impl Delivery {
             },
             content,
         };
-        match self.queue.enqueue(message).await {
-            Ok(stored) => {
-                stored.schedule();
-                self.metrics.dsn_sent.with_label_values(&["failed"]).inc();
-                self.wake.notify_one();
-                Some(id.to_string())
-            }
-            Err(e) => {
-                tracing::error!(queue_id = %rec.id, error = %e, "cannot queue a DSN");
-                None
-            }
-        }
+        let stored = self.queue.enqueue(message).await?;
+        stored.schedule();
+        self.metrics.dsn_sent.with_label_values(&["failed"]).inc();
+        self.wake.notify_one();
+        Ok(id.to_string())
     }
 
     /// One worker of a destination: one connection at a time, job after job.
