@@ -773,6 +773,15 @@ fn render_summary(
         })
         .collect();
     write!(out, "{}", table(&header, &rows))?;
+    if !s.deferred_reasons.is_empty() {
+        writeln!(out)?;
+        let rows: Vec<Vec<String>> = s
+            .deferred_reasons
+            .iter()
+            .map(|r| vec![r.recipients.to_string(), r.reason.clone()])
+            .collect();
+        write!(out, "{}", table(&["DEFERRED", "LAST REPLY"], &rows))?;
+    }
     Ok(())
 }
 
@@ -825,7 +834,9 @@ fn queue_command(cmd: QueueCommand) -> anyhow::Result<ExitCode> {
             let by = summary_by(by);
             let s = if store.offline {
                 let q = open_store(&store)?;
-                SummaryView::from(&q.summary(now_ms(), by)?)
+                let mut v = SummaryView::from(&q.summary(now_ms(), by)?);
+                v.deferred_reasons = crate::admin::api::deferred_reasons(q.records())?;
+                v
             } else {
                 call(&admin_client(&store.daemon)?, &Route::Summary(by), None)?
             };

@@ -320,6 +320,16 @@ fn a_held_message_is_not_delivered_until_released() {
             .any(|r| r.kind() == "TransientFailure" && r.queue_id() == Some(id.as_str()))
             .then_some(())
     });
+    // The summary groups the deferred recipient by its last reply.
+    let summary = queue_json(&d, &["summary"]);
+    let reasons = summary["deferred_reasons"].as_array().unwrap();
+    assert_eq!(reasons.len(), 1, "{summary}");
+    assert_eq!(reasons[0]["recipients"], 1);
+    let reason = reasons[0]["reason"].as_str().unwrap();
+    assert!(reason.starts_with("4"), "{reason}");
+    let (code, out, _) = queue(&d, &["summary"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("DEFERRED") && out.contains(reason), "{out}");
     let (code, _, err) = queue(&d, &["hold", &id]);
     assert_eq!(code, 0, "{err}");
     let sink = Sink::start(relay, SinkConfig::default());

@@ -198,12 +198,84 @@ pub struct SummaryRowView {
     pub counts: Vec<u64>,
 }
 
-/// [`queue::Summary`], serialized the same way, and readable back.
+/// [`queue::Summary`], serialized the same way, and readable back, with
+/// the deferred recipients grouped by why.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SummaryView {
     pub bounds_minutes: Vec<u64>,
     pub total: SummaryRowView,
     pub rows: Vec<SummaryRowView>,
+    /// Deferred recipients by their last reply, most first (at most
+    /// [`MAX_REASONS`]).
+    #[serde(default)]
+    pub deferred_reasons: Vec<ReasonView>,
+}
+
+/// Deferred recipients that got the same kind of reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReasonView {
+    /// The reply, with the words that differ from message to message
+    /// (those with digits after the codes: IDs, times, addresses) as `…`.
+    pub reason: String,
+    pub recipients: u64,
+}
+
+/// Reasons a summary lists; the rest are counted under `other`.
+pub const MAX_REASONS: usize = 20;
+
+/// The grouping key of a last reply: code and enhanced code kept, later
+/// words with digits replaced, at most 120 characters.
+pub fn reason_key(reply: &str) -> String {
+    let mut out = String::new();
+    for (i, word) in reply.split_whitespace().enumerate() {
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        if i >= 2 && word.bytes().any(|b| b.is_ascii_digit()) {
+            out.push('…');
+        } else {
+            out.push_str(word);
+        }
+        if out.len() >= 120 {
+            break;
+        }
+    }
+    out
+}
+
+/// Groups the deferred recipients of `records` by [`reason_key`].
+pub fn deferred_reasons(
+    records: impl Iterator<Item = Result<MessageRecord, queue::QueueError>>,
+) -> Result<Vec<ReasonView>, queue::QueueError> {
+    let mut counts: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+    for rec in records {
+        for r in rec?
+            .recipients
+            .iter()
+            .filter(|r| r.state == RecipientState::Deferred)
+        {
+            let key = r.last_reply.as_deref().map(reason_key).unwrap_or_default();
+            *counts.entry(key).or_default() += 1;
+        }
+    }
+    let mut list: Vec<ReasonView> = counts
+        .into_iter()
+        .map(|(reason, recipients)| ReasonView { reason, recipients })
+        .collect();
+    list.sort_by(|a, b| {
+        b.recipients
+            .cmp(&a.recipients)
+            .then(a.reason.cmp(&b.reason))
+    });
+    if list.len() > MAX_REASONS {
+        let other: u64 = list[MAX_REASONS..].iter().map(|r| r.recipients).sum();
+        list.truncate(MAX_REASONS);
+        list.push(ReasonView {
+            reason: "other".into(),
+            recipients: other,
+        });
+    }
+    Ok(list)
 }
 
 impl From<&Summary> for SummaryView {
@@ -218,6 +290,7 @@ impl From<&Summary> for SummaryView {
             bounds_minutes: s.bounds_minutes.clone(),
             total: row(&s.total),
             rows: s.rows.iter().map(row).collect(),
+            deferred_reasons: Vec::new(),
         }
     }
 }
@@ -779,6 +852,22 @@ mod tests {
         assert!(e.message.contains("not a queue ID"));
         assert_eq!(Route::parse("GET", "/v2/x").unwrap_err().status, 404);
         assert_eq!(Route::parse("PUT", "/v1/summary").unwrap_err().status, 405);
+    }
+
+    #[test]
+    fn reasons_group_replies_that_differ_only_in_ids_and_numbers() {
+        assert_eq!(
+            reason_key("451 4.7.1 Try again in 300 seconds, id=7af3c"),
+            "451 4.7.1 Try again in … seconds, …"
+        );
+        assert_eq!(
+            reason_key("451 4.7.1 Try again in 60 seconds, id=99"),
+            reason_key("451 4.7.1 Try again in 300 seconds, id=7af3c")
+        );
+        assert_ne!(
+            reason_key("421 4.4.2 timed out"),
+            reason_key("451 4.4.2 timed out")
+        );
     }
 
     #[test]

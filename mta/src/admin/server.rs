@@ -212,8 +212,13 @@ async fn handle(state: &State, route: Route, who: &Peer) -> (u16, Vec<u8>) {
         }
         Route::Summary(by) => {
             let now = state.clock.now_ms();
-            match blocking(move || q.summary(now, by)).await {
-                Ok(s) => ok(&SummaryView::from(&s)),
+            let summary = blocking(move || {
+                let mut v = SummaryView::from(&q.summary(now, by)?);
+                v.deferred_reasons = super::api::deferred_reasons(q.records())?;
+                Ok(v)
+            });
+            match summary.await {
+                Ok(v) => ok(&v),
                 Err(e) => queue_error(&e),
             }
         }
