@@ -176,6 +176,18 @@ pub struct DaemonArgs {
     /// The data directory; default ./mta-data (or the config's).
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
+    /// A daemon's HTTPS admin listener (`[admin] listen`) instead of the
+    /// local socket: https://host:port. Needs --ca-file and a token.
+    #[arg(long, value_name = "URL", requires = "ca_file")]
+    pub url: Option<String>,
+    /// PEM certificate(s) the listener's certificate must chain to (the
+    /// daemon's certificate itself, for a self-signed one).
+    #[arg(long, value_name = "FILE", requires = "url")]
+    pub ca_file: Option<PathBuf>,
+    /// The file holding the bearer token (mode 0600); default: the
+    /// MTA_ADMIN_TOKEN environment variable.
+    #[arg(long, value_name = "FILE", requires = "url")]
+    pub token_file: Option<PathBuf>,
 }
 
 /// Where the queue is: the running daemon's admin socket, or with
@@ -528,6 +540,17 @@ fn data_dir(daemon: &DaemonArgs) -> anyhow::Result<PathBuf> {
 }
 
 fn admin_client(daemon: &DaemonArgs) -> anyhow::Result<AdminClient> {
+    if let (Some(url), Some(ca)) = (&daemon.url, &daemon.ca_file) {
+        let token = match &daemon.token_file {
+            Some(f) => crate::admin::tokens::read_token("--token-file", f)?,
+            None => std::env::var("MTA_ADMIN_TOKEN").map_err(|_| {
+                anyhow::anyhow!(
+                    "--url needs a bearer token: --token-file FILE, or MTA_ADMIN_TOKEN in the environment"
+                )
+            })?,
+        };
+        return AdminClient::https(url, ca, token).map_err(|e| anyhow::anyhow!(e));
+    }
     Ok(AdminClient::new(crate::admin::socket_path(&data_dir(
         daemon,
     )?)))

@@ -497,10 +497,24 @@ impl Default for QueueConfig {
     }
 }
 
-/// `[admin]`: the admin API (keys arrive with the operations issue).
+/// `[admin]`: the admin API. It is always served on the Unix socket
+/// `<data_dir>/admin.sock` (mode 0660, for local users of the service's
+/// group); these keys add an HTTPS listener for remote tooling.
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-pub struct AdminConfig {}
+pub struct AdminConfig {
+    /// Address of the HTTPS listener (TLS with the daemon's SMTP
+    /// certificate). Default: none (off). Needs `tokens`.
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
+    /// Bearer tokens the listener accepts, by name: `ops =
+    /// "/etc/mta/admin-ops.token"`. Each file holds one token of at least
+    /// 32 characters and is readable by its owner only (mode 0600). The
+    /// name is who the AdminAction records say made the call
+    /// (`token:ops`). Default: none.
+    #[serde(default)]
+    pub tokens: std::collections::BTreeMap<String, PathBuf>,
+}
 
 fn optional_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
     duration(d).map(Some)

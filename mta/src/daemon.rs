@@ -56,6 +56,8 @@ pub enum StartError {
         source: std::io::Error,
     },
     #[error(transparent)]
+    AdminToken(#[from] crate::admin::tokens::TokenError),
+    #[error(transparent)]
     Suspensions(#[from] crate::delivery::suspend::SuspendError),
     #[error("cannot listen on {addr}: {source}{hint}")]
     Bind {
@@ -336,7 +338,7 @@ impl Daemon {
             queue,
             log,
             clock,
-            tls: Some(acceptor),
+            tls: Some(acceptor.clone()),
             timeouts: Timeouts {
                 command: s.command_timeout,
                 data: s.data_timeout,
@@ -395,16 +397,31 @@ impl Daemon {
                 path: path.clone(),
                 source,
             })?;
+            let state = crate::admin::server::State {
+                queue: receiver.queue.clone(),
+                log: receiver.log.clone(),
+                clock: receiver.clock.clone(),
+                wake: receiver.wake.clone(),
+                delivery: delivery.clone(),
+            };
+            if let Some(addr) = config.admin.listen {
+                let tokens = crate::admin::tokens::Tokens::load(&config.admin.tokens)?;
+                let tcp = TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| bind_error(addr, source, "; change [admin] listen"))?;
+                tracing::info!(addr = %tcp.local_addr().unwrap_or(addr), "admin API over HTTPS (bearer tokens)");
+                acceptors.push(tokio::spawn(crate::admin::serve_tcp(
+                    tcp,
+                    acceptor.clone(),
+                    tokens,
+                    state.clone(),
+                    shutdown_rx.clone(),
+                )));
+            }
             acceptors.push(tokio::spawn(crate::admin::serve(
                 listener,
                 path,
-                crate::admin::server::State {
-                    queue: receiver.queue.clone(),
-                    log: receiver.log.clone(),
-                    clock: receiver.clock.clone(),
-                    wake: receiver.wake.clone(),
-                    delivery: delivery.clone(),
-                },
+                state,
                 shutdown_rx.clone(),
             )));
         }

@@ -268,6 +268,10 @@ pub struct AdminAction {
     pub who: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uid: Option<u32>,
+    /// Where the call came from: `unix` (the admin socket) or the HTTPS
+    /// client's address and port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
     /// `ok`, or the error.
     pub result: String,
     /// Delete and bounce: the recipients that were still pending (final

@@ -53,7 +53,15 @@ fn strs(v: &Value) -> Vec<String> {
         .collect()
 }
 
+/// The AdminAction records of changes (reads are recorded too).
 fn admin_actions(d: &DaemonProcess) -> Vec<AdminAction> {
+    all_admin_calls(d)
+        .into_iter()
+        .filter(|a| !["list", "show", "summary", "suspensions"].contains(&a.action.as_str()))
+        .collect()
+}
+
+fn all_admin_calls(d: &DaemonProcess) -> Vec<AdminAction> {
     read_log(&d.data_dir)
         .into_iter()
         .filter_map(|r| match r {
@@ -671,4 +679,144 @@ fn a_suspended_domain_waits_across_a_restart_and_is_delivered_once_resumed() {
             ("resume".to_string(), "domain=paused.example".to_string()),
         ]
     );
+}
+
+#[test]
+fn the_https_listener_takes_bearer_tokens_from_curl_and_the_cli_and_records_every_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let made = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert, made.cert.pem()).unwrap();
+    std::fs::write(&key, made.signing_key.serialize_pem()).unwrap();
+    let token = "q8Vd3LmZx0Rt7Yw2Nc5Kp9Hs4Bf6Ja1Ge";
+    let token_file = dir.path().join("ops.token");
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let port = free_port();
+    let d = DaemonProcess::start(
+        dir.path(),
+        &format!(
+            "[smtp]\ntls_certificate = \"{}\"\ntls_private_key = \"{}\"\n[admin]\nlisten = \"127.0.0.1:{port}\"\ntokens = {{ ops = \"{}\" }}\n",
+            cert.display(),
+            key.display(),
+            token_file.display()
+        ),
+    );
+    let id = submit(d.addr, "news@x.example", &["a@dest.example"], "remote");
+    let url = format!("https://localhost:{port}");
+
+    // curl, verifying our certificate: with the token, without, and wrong.
+    let curl = |extra: &[&str], path: &str| {
+        let out = std::process::Command::new("curl")
+            .args([
+                "-sS",
+                "--cacert",
+                cert.to_str().unwrap(),
+                "-w",
+                "\n%{http_code}",
+            ])
+            .args(["--resolve", &format!("localhost:{port}:127.0.0.1")])
+            .args(extra)
+            .arg(format!("{url}{path}"))
+            .output()
+            .expect("curl runs");
+        let text = String::from_utf8(out.stdout).unwrap();
+        let (body, code) = text.rsplit_once('\n').unwrap();
+        (code.parse::<u16>().unwrap(), body.to_string())
+    };
+    let bearer = format!("Authorization: Bearer {token}");
+    let (code, body) = curl(&["-H", &bearer], "/v1/messages");
+    assert_eq!(code, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(ids(&v), [id.as_str()]);
+    let (code, body) = curl(&[], "/v1/messages");
+    assert_eq!(code, 401);
+    assert!(body.contains("Authorization: Bearer"), "{body}");
+    let (code, _) = curl(
+        &["-H", "Authorization: Bearer not-the-token"],
+        "/v1/messages",
+    );
+    assert_eq!(code, 401);
+
+    // The CLI over HTTPS, token from a file or the environment.
+    let remote = ["--url", &url, "--ca-file", cert.to_str().unwrap()];
+    let mut args = vec!["queue", "hold", id.as_str(), "--json"];
+    args.extend_from_slice(&remote);
+    args.extend_from_slice(&["--token-file", token_file.to_str().unwrap()]);
+    let (code, out, err) = run_cli(&args, None);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&out).unwrap()["state"],
+        "held"
+    );
+    let mut args = vec!["queue", "list", "--json"];
+    args.extend_from_slice(&remote);
+    let out = std::process::Command::new(spec_tests::server::mta_bin())
+        .args(&args)
+        .env("MTA_ADMIN_TOKEN", token)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(listed[0]["state"], "held");
+    let (code, _, err) = run_cli(&args, None);
+    assert_eq!(code, 1);
+    assert!(err.contains("MTA_ADMIN_TOKEN"), "{err}");
+    let mut bad = vec![
+        "queue",
+        "list",
+        "--url",
+        "http://localhost:1",
+        "--ca-file",
+        "x",
+    ];
+    bad.extend_from_slice(&["--token-file", token_file.to_str().unwrap()]);
+    let (code, _, err) = run_cli(&bad, None);
+    assert_eq!(code, 1);
+    assert!(err.contains("must start with https://"), "{err}");
+
+    // Every call is on record: who, from where, what, and the result.
+    let calls: Vec<(String, String, bool, String)> = all_admin_calls(&d)
+        .into_iter()
+        .map(|a| {
+            let from = a.from.unwrap_or_default();
+            assert!(from.starts_with("127.0.0.1:"), "{from}");
+            (
+                a.action,
+                a.who,
+                a.result == "ok",
+                a.selector.unwrap_or_default(),
+            )
+        })
+        .collect();
+    let call = |action: &str, who: &str, ok: bool, sel: &str| {
+        (action.to_string(), who.to_string(), ok, sel.to_string())
+    };
+    assert_eq!(
+        calls,
+        [
+            call("list", "token:ops", true, "all"),
+            call("refused", "unauthenticated", false, "GET /v1/messages"),
+            call("refused", "unauthenticated", false, "GET /v1/messages"),
+            call("hold", "token:ops", true, ""),
+            call("list", "token:ops", true, "all"),
+        ]
+    );
+    // And on the local socket, reads name the user and `unix`.
+    queue_json(&d, &["show", &id, "--body"]);
+    let last = all_admin_calls(&d).pop().unwrap();
+    assert_eq!(
+        (
+            last.action.as_str(),
+            last.from.as_deref(),
+            last.selector.as_deref()
+        ),
+        ("show", Some("unix"), Some("body=true"))
+    );
+    assert_eq!(last.who, me().1);
 }

@@ -57,6 +57,7 @@ pub fn reason(status: u16) -> &'static str {
     match status {
         200 => "OK",
         400 => "Bad Request",
+        401 => "Unauthorized",
         404 => "Not Found",
         405 => "Method Not Allowed",
         408 => "Request Timeout",
@@ -67,14 +68,28 @@ pub fn reason(status: u16) -> &'static str {
 
 /// A whole response with a JSON body.
 pub fn response(status: u16, body: &[u8]) -> Vec<u8> {
+    // RFC 6750 §3: a 401 names the scheme the client must use.
+    let challenge = if status == 401 {
+        "WWW-Authenticate: Bearer realm=\"mta\"\r\n"
+    } else {
+        ""
+    };
     let mut r = format!(
-        "HTTP/1.1 {status} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {status} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{challenge}Connection: close\r\n\r\n",
         reason(status),
         body.len()
     )
     .into_bytes();
     r.extend_from_slice(body);
     r
+}
+
+/// A whole request without a body, with a bearer token.
+pub fn request_with_token(method: &str, target: &str, token: &str) -> Vec<u8> {
+    format!(
+        "{method} {target} HTTP/1.1\r\nHost: mta\r\nAuthorization: Bearer {token}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .into_bytes()
 }
 
 /// A whole request without a body.

@@ -24,6 +24,7 @@ pub mod api;
 pub mod client;
 pub mod http;
 pub mod server;
+pub mod tokens;
 
 use std::path::{Path, PathBuf};
 
@@ -32,7 +33,7 @@ pub use api::{
     Route, SummaryRowView, SummaryView, SuspensionView,
 };
 pub use client::{AdminClient, ClientError};
-pub use server::{bind, serve};
+pub use server::{bind, serve, serve_tcp};
 
 /// The admin socket of a data directory.
 pub fn socket_path(data_dir: &Path) -> PathBuf {

@@ -7,15 +7,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use queue::{Filter, Queue, QueueError, QueueId};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{UnixListener, UnixStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, UnixListener, UnixStream};
 use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
 
 use super::api::{
     Action, ApiError, BulkFailure, BulkView, MessageView, ResumeView, Route, SummaryView,
     SuspensionView, rfc3339_ms,
 };
 use super::http::{self, MAX_REQUEST_BYTES};
+use super::tokens::{self, Tokens};
 use crate::clock::Clock;
 use crate::delivery::Delivery;
 use crate::delivery::suspend::Suspension;
@@ -72,13 +74,65 @@ pub async fn serve(
             continue;
         };
         let state = state.clone();
-        tokio::spawn(async move { connection(socket, &state).await });
+        tokio::spawn(async move {
+            let who = peer(&socket);
+            connection(socket, Caller::Local(who), &state).await
+        });
     }
     let _ = std::fs::remove_file(&path);
 }
 
-async fn connection(mut socket: UnixStream, state: &State) {
-    let who = peer(&socket);
+/// Serves the admin API over HTTPS on `listener` (`[admin] listen`) until
+/// `shutdown`: every request needs one of `tokens` as its bearer token.
+pub async fn serve_tcp(
+    listener: TcpListener,
+    tls: TlsAcceptor,
+    tokens: Tokens,
+    state: State,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let tokens = Arc::new(tokens);
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.wait_for(|&s| s) => break,
+        };
+        let Ok((socket, addr)) = accepted else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let _ = socket.set_nodelay(true);
+        let (state, tls, tokens) = (state.clone(), tls.clone(), tokens.clone());
+        tokio::spawn(async move {
+            let Ok(Ok(stream)) = tokio::time::timeout(IO_TIMEOUT, tls.accept(socket)).await else {
+                return;
+            };
+            connection(
+                stream,
+                Caller::Remote {
+                    from: addr.to_string(),
+                    tokens,
+                },
+                &state,
+            )
+            .await
+        });
+    }
+}
+
+/// Who is calling, before the request is read.
+enum Caller {
+    /// On the Unix socket: the kernel says who.
+    Local(Peer),
+    /// On the HTTPS listener: the bearer token will say.
+    Remote { from: String, tokens: Arc<Tokens> },
+}
+
+async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
+    mut socket: S,
+    caller: Caller,
+    state: &State,
+) {
     let mut buf = vec![0u8; MAX_REQUEST_BYTES];
     let mut n = 0;
     let read = tokio::time::timeout(IO_TIMEOUT, async {
@@ -104,9 +158,22 @@ async fn connection(mut socket: UnixStream, state: &State) {
         Ok(Err(s)) => error(s, "an incomplete HTTP request"),
         Ok(Ok(())) => match http::request_line(&buf[..n]) {
             None => error(400, "not an HTTP/1.1 request line"),
-            Some((method, target)) => match Route::parse(&method, &target) {
-                Err(e) => error(e.status, &e.message),
-                Ok(route) => handle(state, route, &who).await,
+            Some((method, target)) => match authenticate(caller, &buf[..n]) {
+                Err((from, why)) => {
+                    let who = Peer {
+                        uid: None,
+                        name: "unauthenticated".into(),
+                        from,
+                    };
+                    let outcome = Err(why.to_string());
+                    let what = format!("{method} {}", target.split('?').next().unwrap_or(""));
+                    record(state, "refused", "", &who, Some(what), &outcome, Vec::new()).await;
+                    error(401, why)
+                }
+                Ok(who) => match Route::parse(&method, &target) {
+                    Err(e) => error(e.status, &e.message),
+                    Ok(route) => handle(state, route, &who).await,
+                },
             },
         },
     };
@@ -146,11 +213,14 @@ async fn blocking<T: Send + 'static>(
         .unwrap_or(Err(QueueError::Closed))
 }
 
-/// Who is on the other end of the socket.
+/// Who is on the other end.
 #[derive(Debug, Clone)]
 pub struct Peer {
     pub uid: Option<u32>,
+    /// The local user, or `token:<name>` on the HTTPS listener.
     pub name: String,
+    /// `unix` for the socket, else the client's address and port.
+    pub from: String,
 }
 
 fn peer(socket: &UnixStream) -> Peer {
@@ -160,12 +230,38 @@ fn peer(socket: &UnixStream) -> Peer {
             Peer {
                 uid: Some(uid),
                 name: user_name(uid).unwrap_or_else(|| format!("uid:{uid}")),
+                from: "unix".into(),
             }
         }
         Err(_) => Peer {
             uid: None,
             name: "unknown".into(),
+            from: "unix".into(),
         },
+    }
+}
+
+/// The caller of a request whose head is `head`; on the HTTPS listener
+/// its bearer token must be one of ours.
+fn authenticate(caller: Caller, head: &[u8]) -> Result<Peer, (String, &'static str)> {
+    match caller {
+        Caller::Local(p) => Ok(p),
+        Caller::Remote { from, tokens } => {
+            let Some(presented) = tokens::bearer(head) else {
+                return Err((
+                    from,
+                    "this listener needs an Authorization: Bearer <token> header (one of [admin] tokens)",
+                ));
+            };
+            match tokens.check(presented) {
+                Some(name) => Ok(Peer {
+                    uid: None,
+                    name: format!("token:{name}"),
+                    from,
+                }),
+                None => Err((from, "the bearer token is not one of [admin] tokens")),
+            }
+        }
     }
 }
 
@@ -186,7 +282,52 @@ pub fn user_name(uid: u32) -> Option<String> {
     Some(name.to_string_lossy().into_owned())
 }
 
+/// Answers a request. Reads are recorded here (an AdminAction `list`,
+/// `show`, `summary` or `suspensions`: who looked at what); changes are
+/// recorded where they are made, one record per message.
 async fn handle(state: &State, route: Route, who: &Peer) -> (u16, Vec<u8>) {
+    let read = match &route {
+        Route::List(q) => Some(("list", String::new(), Some(q.selector()))),
+        Route::Show { id, body } => Some((
+            "show",
+            id.to_string(),
+            body.then(|| "body=true".to_string()),
+        )),
+        Route::Summary(by) => Some((
+            "summary",
+            String::new(),
+            Some(match by {
+                queue::SummaryBy::Domain => "by=domain".to_string(),
+                queue::SummaryBy::Tenant => "by=tenant".to_string(),
+            }),
+        )),
+        Route::Suspensions => Some(("suspensions", String::new(), None)),
+        _ => None,
+    };
+    let (status, body) = answer(state, route, who).await;
+    if let Some((action, queue_id, selector)) = read {
+        let outcome = if status == 200 {
+            Ok(())
+        } else {
+            Err(serde_json::from_slice::<ApiError>(&body)
+                .map(|e| e.error)
+                .unwrap_or_else(|_| format!("status {status}")))
+        };
+        record(
+            state,
+            action,
+            &queue_id,
+            who,
+            selector,
+            &outcome,
+            Vec::new(),
+        )
+        .await;
+    }
+    (status, body)
+}
+
+async fn answer(state: &State, route: Route, who: &Peer) -> (u16, Vec<u8>) {
     let q = state.queue.clone();
     match route {
         Route::List(query) => {
@@ -419,6 +560,7 @@ async fn record(
             selector: selector.clone(),
             who: who.name.clone(),
             uid: who.uid,
+            from: Some(who.from.clone()),
             result: match outcome {
                 Ok(()) => "ok".to_string(),
                 Err(e) => e.clone(),
