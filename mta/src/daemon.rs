@@ -675,6 +675,15 @@ impl Daemon {
         })
     }
 
+    /// Evaluates every configured sender domain with every egress IP
+    /// again, and returns when done (a reload does the same in the
+    /// background): a record the customer fixed passes from now on.
+    pub async fn refresh_spf(&self) {
+        if let Some(spf) = &self.spf {
+            spf.refresh().await;
+        }
+    }
+
     /// How long a clean stop waits for sessions and deliveries under way
     /// (`[smtp] shutdown_grace` as last applied).
     pub fn shutdown_grace(&self) -> Duration {
@@ -702,8 +711,13 @@ impl Daemon {
     }
 
     /// Stops accepting; sessions waiting for a command get `421 4.3.2`,
-    /// sessions inside a message may finish it within `grace`. Then the
-    /// store is closed and the log written out.
+    /// sessions inside a message may finish it within `grace` (and get
+    /// their 250 only once it is stored); delivery claims nothing more,
+    /// and each worker stops after the transaction it is in, whose outcome
+    /// is stored. Then the store is synced and the log written out.
+    /// Whatever is still running after `grace` is dropped unacknowledged:
+    /// a message cut off in DATA was never answered 250, and a delivery cut
+    /// off has no outcome, so the restarted daemon tries it again.
     pub async fn shutdown(self, grace: Duration) {
         let _ = self.shutdown.send(true);
         for a in self.acceptors {
@@ -721,6 +735,13 @@ impl Daemon {
             tracing::warn!(
                 sessions = left,
                 "sessions still open at shutdown; their unfinished messages were not accepted"
+            );
+        }
+        let sending = self.delivery.in_flight();
+        if sending > 0 {
+            tracing::warn!(
+                messages = sending,
+                "deliveries still under way at shutdown (raise [smtp] shutdown_grace); they are tried again after the restart"
             );
         }
         let queue = self.receiver.queue.clone();
