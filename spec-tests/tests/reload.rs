@@ -307,3 +307,59 @@ fn a_config_that_does_not_load_is_refused_whole_and_the_old_one_stays() {
     let queued: BTreeSet<String> = offline_queue_ids(&data_dir).into_iter().collect();
     assert_eq!(queued, BTreeSet::from([kept, shop_id]));
 }
+
+#[test]
+fn sighup_turns_spf_from_warn_to_enforce_and_checks_a_new_tenants_domain() {
+    // Both domains' SPF records omit our egress IP 127.0.0.9.
+    let failing = "@ 1 IN TXT \"v=spf1 ip4:192.0.2.1 -all\"\n";
+    let dns =
+        spec_tests::dns::DnsServer::start(&[("acme.example", failing), ("shop.example", failing)]);
+    let dir = tempfile::tempdir().unwrap();
+    let d = DaemonProcess::start(
+        dir.path(),
+        &format!(
+            "[dns]\nnameservers = [\"{}\"]\n[spf]\npolicy = \"warn\"\n[[egress]]\naddress = \"127.0.0.9\"\n[[tenants]]\nname = \"acme\"\nsender_domains = [\"acme.example\"]\n",
+            dns.addr
+        ),
+    );
+    let session = || {
+        let mut c = Client::connect(d.addr);
+        c.ehlo();
+        c
+    };
+    let spf_checked = |domain: &str| {
+        read_log(&d.data_dir)
+            .into_iter()
+            .any(|r| matches!(r, Record::SpfChange(c) if c.domain == domain && c.result == "fail"))
+    };
+    eventually("acme.example checked at start", || {
+        spf_checked("acme.example").then_some(())
+    });
+    let mut before = session();
+    // Under warn a failing sender is only noted.
+    assert_eq!(before.cmd("MAIL FROM:<news@acme.example>").code, 250);
+    assert_eq!(before.cmd("RSET").code, 250);
+    assert!(!spf_checked("shop.example"));
+
+    let r = reload(&d, 1, |text| {
+        format!(
+            "{}\n[[tenants]]\nname = \"shop\"\nsender_domains = [\"shop.example\"]\n",
+            text.replace("policy = \"warn\"", "policy = \"enforce\"")
+        )
+    });
+    assert_eq!(r.result, "ok", "{r:?}");
+    assert_eq!(r.changed, ["tenants.shop", "spf.policy"]);
+    assert!(r.needs_restart.is_empty(), "{r:?}");
+    // The new tenant's domain is checked at once, without any mail from it.
+    eventually("shop.example checked after the reload", || {
+        spf_checked("shop.example").then_some(())
+    });
+    let refused = session().cmd("MAIL FROM:<news@acme.example>");
+    assert_eq!(
+        (refused.code, refused.enhanced()),
+        (550, Some("5.7.23")),
+        "{refused}"
+    );
+    // The session from before the reload stays under warn.
+    assert_eq!(before.cmd("MAIL FROM:<news@acme.example>").code, 250);
+}
