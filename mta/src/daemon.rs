@@ -118,6 +118,7 @@ pub struct Daemon {
     /// The bound metrics listener.
     pub metrics_addr: SocketAddr,
     pub recovery: RecoveryReport,
+    /// Where the certificate came from at start.
     pub certificate: Option<CertSource>,
     shutdown: watch::Sender<bool>,
     acceptors: Vec<JoinHandle<()>>,
@@ -160,15 +161,17 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
         .map_err(|source| bind_error(addr, source, "; change [smtp] listen"))
 }
 
-/// The configured certificate, or the generated self-signed one.
-fn certificate(config: &Config) -> Result<(CertSource, ServerTls), TlsError> {
+/// The configured certificate, or the self-signed one generated in
+/// `data_dir` (the running one on reload: a changed `data_dir` waits for a
+/// restart, and nothing is generated where the daemon does not live).
+fn certificate(config: &Config, data_dir: &Path) -> Result<(CertSource, ServerTls), TlsError> {
     let source = match (&config.smtp.tls_certificate, &config.smtp.tls_private_key) {
         (Some(c), Some(k)) => CertSource {
             certificate: c.get_ref().clone(),
             private_key: k.get_ref().clone(),
             generated: false,
         },
-        _ => tls::ensure_self_signed(&config.data_dir, &config.hostname())?,
+        _ => tls::ensure_self_signed(data_dir, &config.hostname())?,
     };
     let loaded = tls::server_config(&source)?;
     Ok((source, loaded))
@@ -331,7 +334,7 @@ impl Daemon {
             config.log.max_file_mb.saturating_mul(1024 * 1024),
         )?;
 
-        let (certificate, server_tls) = certificate(config)?;
+        let (certificate, server_tls) = certificate(config, &data_dir)?;
 
         let ring = tokio::task::spawn_blocking({
             let specs = config.dkim_key_specs();
@@ -609,6 +612,13 @@ impl Daemon {
         data_dir: Option<&Path>,
     ) -> Result<Reloaded, ReloadError> {
         let (file, data_dir) = (file.map(Path::to_path_buf), data_dir.map(Path::to_path_buf));
+        let running_dir = self
+            .running
+            .lock()
+            .expect("running lock")
+            .started
+            .data_dir
+            .clone();
         // Everything that reads files or hashes runs off the reactor, and
         // before anything is swapped.
         let (config, (_, server_tls), ring, users) = tokio::task::spawn_blocking(move || {
@@ -619,7 +629,7 @@ impl Daemon {
             if let Some(d) = data_dir {
                 config.data_dir = d;
             }
-            let tls = certificate(&config)?;
+            let tls = certificate(&config, &running_dir)?;
             let ring = KeyRing::load(&config.dkim_key_specs())?;
             let users = Users::from_config(&config.tenants);
             Ok::<_, ReloadError>((config, tls, ring, users))

@@ -363,3 +363,34 @@ fn sighup_turns_spf_from_warn_to_enforce_and_checks_a_new_tenants_domain() {
     // The session from before the reload stays under warn.
     assert_eq!(before.cmd("MAIL FROM:<news@acme.example>").code, 250);
 }
+
+#[test]
+fn a_key_only_a_restart_applies_is_named_and_the_running_value_stays() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = DaemonProcess::start(dir.path(), "");
+    let elsewhere = dir.path().join("elsewhere");
+    let r = reload(&d, 1, |text| {
+        text.replace(d.data_dir.to_str().unwrap(), elsewhere.to_str().unwrap())
+    });
+    assert_eq!(r.result, "ok", "{r:?}");
+    assert!(r.changed.is_empty(), "{r:?}");
+    assert_eq!(r.needs_restart, ["data_dir"]);
+    // The generated certificate of the running data directory still
+    // serves; nothing was generated (or written) in the new one.
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    let running = CertificateDer::from_pem_file(d.data_dir.join("tls/self-signed.pem")).unwrap();
+    assert_eq!(
+        r.tls_certificate_sha256.as_deref(),
+        Some(sha256_hex(&running).as_str())
+    );
+    assert!(!elsewhere.exists());
+    let mut c = Client::connect(d.addr);
+    c.ehlo();
+    c.starttls();
+    assert_eq!(c.peer_certificate().unwrap(), running.as_ref());
+    assert!(
+        d.stderr().contains("needs a restart: data_dir"),
+        "{}",
+        d.stderr()
+    );
+}
