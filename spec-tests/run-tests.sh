@@ -41,14 +41,40 @@ fi
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # The unit file, where systemd's tools are installed (ExecStart pointed at
-# the binary just built, since /usr/bin/mta need not exist here).
+# the binary just built, since /usr/bin/mta need not exist here): it must
+# verify, and its exposure score must stay at 2.0 or below ("OK").
 if command -v systemd-analyze >/dev/null 2>&1; then
   cargo build -p mta --locked --quiet
   unit_dir=$(mktemp -d)
   sed "s#/usr/bin/mta#$PWD/target/debug/mta#g" systemd/mta.service > "$unit_dir/mta.service"
   systemd-analyze verify "$unit_dir/mta.service"
-  rm -rf "$unit_dir"
   echo "systemd-analyze verify systemd/mta.service: ok"
+  security=$(systemd-analyze security --offline=true "$unit_dir/mta.service" 2>&1 || true)
+  score=$(printf '%s\n' "$security" | sed -n 's/.*Overall exposure level for [^:]*: \([0-9][0-9.]*\).*/\1/p')
+  rm -rf "$unit_dir"
+  if [ -z "$score" ]; then
+    printf '%s\n' "$security"
+    echo "systemd-analyze security printed no exposure level for systemd/mta.service" >&2
+    exit 1
+  fi
+  if ! awk -v s="$score" 'BEGIN { exit !(s <= 2.0) }'; then
+    printf '%s\n' "$security"
+    echo "systemd/mta.service: exposure $score is above 2.0; tighten the hardening (see the lines marked ✗ above)" >&2
+    exit 1
+  fi
+  echo "systemd-analyze security systemd/mta.service: $score (at most 2.0)"
+fi
+# The sysusers and tmpfiles files, applied to an empty root.
+if command -v systemd-sysusers >/dev/null 2>&1 && command -v systemd-tmpfiles >/dev/null 2>&1; then
+  root=$(mktemp -d)
+  mkdir -p "$root/etc"
+  out=$(systemd-sysusers --root="$root" "$PWD/systemd/mta.sysusers" 2>&1) \
+    || { printf '%s\n' "$out" >&2; rm -rf "$root"; exit 1; }
+  systemd-tmpfiles --root="$root" --create "$PWD/systemd/mta.tmpfiles"
+  [ -d "$root/var/lib/mta" ] && [ -d "$root/var/log/mta" ] && [ -L "$root/var/log/mta/transactions" ] \
+    || { echo "systemd/mta.tmpfiles did not create /var/lib/mta, /var/log/mta and its link" >&2; rm -rf "$root"; exit 1; }
+  rm -rf "$root"
+  echo "systemd-sysusers and systemd-tmpfiles on systemd/: ok"
 fi
 
 if cargo nextest --version >/dev/null 2>&1; then

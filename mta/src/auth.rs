@@ -124,8 +124,8 @@ impl Users {
 /// Counts failed AUTH attempts per client address within a window.
 #[derive(Debug)]
 pub struct AuthThrottle {
-    max: u32,
-    window: Duration,
+    /// The limit and the window, replaced on SIGHUP; the counts stay.
+    limits: Mutex<(u32, Duration)>,
     failures: Mutex<HashMap<IpAddr, VecDeque<Instant>>>,
 }
 
@@ -136,10 +136,18 @@ const MAX_TRACKED: usize = 100_000;
 impl AuthThrottle {
     pub fn new(max: u32, window: Duration) -> Self {
         AuthThrottle {
-            max,
-            window,
+            limits: Mutex::new((max, window)),
             failures: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// New limits (SIGHUP): the failures counted so far still count.
+    pub fn set_limits(&self, max: u32, window: Duration) {
+        *self.limits.lock().expect("throttle lock") = (max, window);
+    }
+
+    fn limits(&self) -> (u32, Duration) {
+        *self.limits.lock().expect("throttle lock")
     }
 
     fn prune(q: &mut VecDeque<Instant>, window: Duration, now: Instant) {
@@ -153,20 +161,21 @@ impl AuthThrottle {
 
     /// Has this address used up its attempts?
     pub fn is_locked(&self, ip: IpAddr, now: Instant) -> bool {
+        let (max, window) = self.limits();
         let mut map = self.failures.lock().expect("throttle lock");
         match map.get_mut(&ip) {
             Some(q) => {
-                Self::prune(q, self.window, now);
-                q.len() as u32 >= self.max
+                Self::prune(q, window, now);
+                q.len() as u32 >= max
             }
             None => false,
         }
     }
 
     pub fn record_failure(&self, ip: IpAddr, now: Instant) {
+        let (_, window) = self.limits();
         let mut map = self.failures.lock().expect("throttle lock");
         if map.len() >= MAX_TRACKED && !map.contains_key(&ip) {
-            let window = self.window;
             map.retain(|_, q| {
                 Self::prune(q, window, now);
                 !q.is_empty()
@@ -176,7 +185,7 @@ impl AuthThrottle {
             }
         }
         let q = map.entry(ip).or_default();
-        Self::prune(q, self.window, now);
+        Self::prune(q, window, now);
         q.push_back(now);
     }
 }
@@ -238,5 +247,13 @@ mod tests {
         assert!(!t.is_locked(other, t0 + Duration::from_secs(3)));
         // The first failure leaves the window at t0+60.
         assert!(!t.is_locked(ip, t0 + Duration::from_secs(60)));
+        // A lowered limit (SIGHUP) keeps the counts: the two failures still
+        // in the window and one more reach 3 of 3.
+        t.set_limits(3, Duration::from_secs(120));
+        assert!(!t.is_locked(ip, t0 + Duration::from_secs(60)));
+        t.record_failure(ip, t0 + Duration::from_secs(60));
+        assert!(t.is_locked(ip, t0 + Duration::from_secs(61)));
+        t.set_limits(4, Duration::from_secs(120));
+        assert!(!t.is_locked(ip, t0 + Duration::from_secs(61)));
     }
 }

@@ -8,7 +8,6 @@ use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -401,8 +400,8 @@ pub(crate) fn load_config(path: Option<&Path>) -> anyhow::Result<Config> {
 
 fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let mut config = load_config(args.config.as_deref())?;
-    if let Some(d) = args.data_dir {
-        config.data_dir = d;
+    if let Some(d) = &args.data_dir {
+        config.data_dir = d.clone();
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -440,10 +439,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
                 }
             })
         });
-        let config_path = args.config.clone();
+        let (config_path, data_dir) = (args.config.clone(), args.data_dir.clone());
         wait_for_signal(|| async {
             notifier.send("RELOADING=1");
-            reload(&daemon, config_path.as_deref()).await;
+            reload(&daemon, config_path.as_deref(), data_dir.as_deref()).await;
             notifier.send("READY=1");
         })
         .await?;
@@ -452,36 +451,34 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         if let Some(w) = watchdog {
             w.abort();
         }
-        daemon.shutdown(Duration::from_secs(30)).await;
+        let grace = daemon.shutdown_grace();
+        daemon.shutdown(grace).await;
         anyhow::Ok(())
     })?;
     Ok(ExitCode::SUCCESS)
 }
 
-/// SIGHUP: checks SPF of every sender domain and egress IP again, reads
-/// the config file again and reloads the DKIM keys it names. If the file or
-/// any key fails, the keys in use stay, and the log says why.
-async fn reload(daemon: &Daemon, config_path: Option<&Path>) {
-    daemon.refresh_spf().await;
-    let Some(path) = config_path else {
-        tracing::warn!(
-            "SIGHUP received: running on the embedded default, SPF checked again, nothing else to reload"
-        );
-        return;
-    };
-    let config = match Config::load(path) {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!("SIGHUP: the configuration has an error, nothing reloaded: {e}");
-            return;
+/// SIGHUP: reads the config file again and applies what can change while
+/// running (see [`Daemon::reload`]); says which changed keys need a
+/// restart, or why the new configuration was refused and the old one kept.
+async fn reload(daemon: &Daemon, config_path: Option<&Path>, data_dir: Option<&Path>) {
+    match daemon.reload(config_path, data_dir).await {
+        Ok(r) => {
+            for key in &r.changes.needs_restart {
+                tracing::warn!(
+                    "SIGHUP: needs a restart: {key} (changed in the file; the running value stays until `systemctl restart mta`)"
+                );
+            }
+            tracing::info!(
+                changed = ?r.changes.applied,
+                keys = r.dkim_keys,
+                certificate_sha256 = %r.tls_fingerprint,
+                "SIGHUP: configuration reloaded and DKIM keys reloaded; open sessions finish under the settings they started with"
+            );
         }
-    };
-    match daemon.reload_dkim(&config).await {
-        Ok(n) => tracing::info!(
-            keys = n,
-            "SIGHUP: DKIM keys reloaded (other configuration changes need a restart)"
+        Err(e) => tracing::error!(
+            "SIGHUP: the new configuration is refused; the running configuration and the old keys stay in use: {e}"
         ),
-        Err(e) => tracing::error!("SIGHUP: DKIM keys not reloaded, the old keys stay in use: {e}"),
     }
 }
 

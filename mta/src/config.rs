@@ -112,6 +112,11 @@ pub struct SmtpConfig {
     /// Wait before answering a failed AUTH (slows guessing). Default "2s".
     #[serde(deserialize_with = "duration")]
     pub auth_failure_delay: Duration,
+    /// On SIGTERM, how long sessions in the middle of a message may take to
+    /// finish it, and deliveries under way their transaction. Keep it below
+    /// systemd's `TimeoutStopSec`. Default "30s".
+    #[serde(deserialize_with = "duration")]
+    pub shutdown_grace: Duration,
 }
 
 fn loopback_nets() -> Vec<IpNet> {
@@ -142,12 +147,13 @@ impl Default for SmtpConfig {
             max_auth_failures_per_ip: 10,
             auth_failure_window: Duration::from_secs(900),
             auth_failure_delay: Duration::from_secs(2),
+            shutdown_grace: Duration::from_secs(30),
         }
     }
 }
 
 /// `[[tenants]]`: one customer.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TenantConfig {
     pub name: Spanned<String>,
@@ -164,7 +170,7 @@ pub struct TenantConfig {
 }
 
 /// `[[tenants.users]]`: an SMTP AUTH account of a tenant.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UserConfig {
     pub name: Spanned<String>,
@@ -247,7 +253,7 @@ pub enum DkimAlgorithm {
 }
 
 /// `[[dkim.keys]]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DkimKeyConfig {
     /// The signing domain (`d=`).
@@ -298,7 +304,7 @@ impl Default for SpfConfig {
 }
 
 /// `[[egress]]`: a source for outbound connections (used from the delivery issue on).
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct EgressConfig {
     /// Local IP to bind; none = the system's choice.
@@ -380,7 +386,7 @@ pub struct DeliveryConfig {
 }
 
 /// `[delivery.domains."<domain>"]`: what differs for one destination.
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct DestinationConfig {
     /// Overrides `[delivery] tls` for this domain.
@@ -469,7 +475,7 @@ impl Default for MetricsConfig {
 }
 
 /// `[queue]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct QueueConfig {
     /// Key for encryption at rest (used from the data-protection issue on).
@@ -500,7 +506,7 @@ impl Default for QueueConfig {
 /// `[admin]`: the admin API. It is always served on the Unix socket
 /// `<data_dir>/admin.sock` (mode 0660, for local users of the service's
 /// group); these keys add an HTTPS listener for remote tooling.
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     /// Address of the HTTPS listener (TLS with the daemon's SMTP

@@ -1,11 +1,13 @@
-//! Starting and stopping the daemon: open the queue (recovering it), start
-//! the transaction log, load or generate the TLS certificate, bind the
-//! listeners, and on shutdown stop accepting, let sessions finish, and
-//! close the store.
+//! Starting, reloading and stopping the daemon: open the queue (recovering
+//! it), start the transaction log, load or generate the TLS certificate,
+//! bind the listeners; on SIGHUP load the configuration again and swap in
+//! what may change at run time; on shutdown stop accepting, let sessions
+//! finish, and close the store.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use queue::{Queue, QueueConfig, QueueError, RecoveryReport};
@@ -18,18 +20,19 @@ use dkim_keys::KeyRing;
 
 use crate::auth::{AuthThrottle, Users};
 use crate::clock::Clock;
-use crate::config::{Config, SpfPolicy};
+use crate::config::{Config, ConfigError, SpfPolicy};
 use crate::delivery::suspend::Suspensions;
 use crate::delivery::tls::ClientTls;
 use crate::delivery::{Delivery, Parts, Settings};
-use crate::log::{LogError, LogWriterGuard, TransactionLog};
+use crate::log::{self, LogError, LogWriterGuard, Record, TransactionLog};
 use crate::metrics::Metrics;
-use crate::policy::{Policy, Tenant};
-use crate::server::{ConnectionLimits, Receiver, StorageGuard, Timeouts, accept_loop};
+use crate::policy::Policy;
+use crate::reload::Changes;
+use crate::server::{ConnectionLimits, Live, Receiver, StorageGuard, Timeouts, accept_loop};
 use crate::sign::{Signer, SigningPolicy};
 use crate::smtp::SessionConfig;
-use crate::spf::checker::{CheckerParts, Source, SpfChecker, default_source};
-use crate::tls::{self, CertSource, TlsError};
+use crate::spf::checker::{CheckerParts, Source, SpfChecker, Tuning, default_source};
+use crate::tls::{self, CertSource, ServerTls, TlsError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -67,6 +70,35 @@ pub enum StartError {
     },
 }
 
+/// Why a reload was refused (the running configuration stays).
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error(transparent)]
+    Dkim(#[from] dkim_keys::KeyError),
+}
+
+/// A reload that was applied.
+#[derive(Debug, Clone)]
+pub struct Reloaded {
+    pub changes: Changes,
+    pub dkim_keys: usize,
+    /// SHA-256 of the certificate new handshakes present.
+    pub tls_fingerprint: String,
+}
+
+/// The configurations a reload compares with.
+struct Running {
+    /// As started: what restart-only keys still hold.
+    started: Config,
+    /// As last applied: what reloadable keys hold.
+    applied: Config,
+    tls_fingerprint: String,
+}
+
 /// How often transaction log retention is applied.
 const RETENTION_INTERVAL: Duration = Duration::from_secs(3600);
 
@@ -96,12 +128,14 @@ pub struct Daemon {
     /// The bound metrics listener.
     pub metrics_addr: SocketAddr,
     pub recovery: RecoveryReport,
+    /// Where the certificate came from at start.
     pub certificate: Option<CertSource>,
     shutdown: watch::Sender<bool>,
     acceptors: Vec<JoinHandle<()>>,
     receiver: Arc<Receiver>,
     delivery: Arc<Delivery>,
     spf: Option<Arc<SpfChecker>>,
+    running: Mutex<Running>,
     log_guard: LogWriterGuard,
 }
 
@@ -137,6 +171,55 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
         .map_err(|source| bind_error(addr, source, "; change [smtp] listen"))
 }
 
+/// The configured certificate, or the self-signed one generated in
+/// `data_dir` (the running one on reload: a changed `data_dir` waits for a
+/// restart, and nothing is generated where the daemon does not live).
+fn certificate(config: &Config, data_dir: &Path) -> Result<(CertSource, ServerTls), TlsError> {
+    let source = match (&config.smtp.tls_certificate, &config.smtp.tls_private_key) {
+        (Some(c), Some(k)) => CertSource {
+            certificate: c.get_ref().clone(),
+            private_key: k.get_ref().clone(),
+            generated: false,
+        },
+        _ => tls::ensure_self_signed(data_dir, &config.hostname())?,
+    };
+    let loaded = tls::server_config(&source)?;
+    Ok((source, loaded))
+}
+
+/// What sessions read from `config` (at start and on SIGHUP).
+fn live(
+    config: &Config,
+    users: Arc<Users>,
+    tls: &ServerTls,
+    storage_low: Arc<AtomicBool>,
+    check_sender: bool,
+) -> Live {
+    let s = &config.smtp;
+    Live {
+        session: Arc::new(SessionConfig {
+            hostname: config.hostname(),
+            max_message_size: s.max_message_size,
+            max_recipients: s.max_recipients,
+            max_errors: s.max_errors,
+            max_auth_failures: s.max_auth_failures,
+            starttls: true,
+            auth: !users.is_empty(),
+            policy: Arc::new(Policy::from_config(config)),
+            storage_low,
+            check_sender,
+        }),
+        users,
+        tls: Some(TlsAcceptor::from(tls.config.clone())),
+        timeouts: Timeouts {
+            command: s.command_timeout,
+            data: s.data_timeout,
+            handshake: s.tls_handshake_timeout,
+            auth_failure_delay: s.auth_failure_delay,
+        },
+    }
+}
+
 fn signing_policy(config: &Config) -> SigningPolicy {
     SigningPolicy {
         unsigned: config.dkim.unsigned,
@@ -148,21 +231,6 @@ fn signing_policy(config: &Config) -> SigningPolicy {
                 t.signing_domain
                     .as_ref()
                     .map(|d| (t.name.get_ref().clone(), d.get_ref().0.clone()))
-            })
-            .collect(),
-    }
-}
-
-fn policy(config: &Config) -> Policy {
-    Policy {
-        allowed_networks: config.smtp.allowed_networks.clone(),
-        relay_networks: config.smtp.relay_networks.clone(),
-        tenants: config
-            .tenants
-            .iter()
-            .map(|t| Tenant {
-                name: t.name.get_ref().clone(),
-                sender_domains: t.sender_domains.clone(),
             })
             .collect(),
     }
@@ -258,7 +326,6 @@ impl Daemon {
             path: data_dir.clone(),
             source,
         })?;
-        let hostname = config.hostname();
 
         let mut qc = QueueConfig::new(queue_path(&data_dir));
         qc.cache_capacity = config.queue.cache_mb * 1024 * 1024;
@@ -277,15 +344,7 @@ impl Daemon {
             config.log.max_file_mb.saturating_mul(1024 * 1024),
         )?;
 
-        let certificate = match (&config.smtp.tls_certificate, &config.smtp.tls_private_key) {
-            (Some(c), Some(k)) => CertSource {
-                certificate: c.get_ref().clone(),
-                private_key: k.get_ref().clone(),
-                generated: false,
-            },
-            _ => tls::ensure_self_signed(&data_dir, &hostname)?,
-        };
-        let acceptor = TlsAcceptor::from(tls::server_config(&certificate)?);
+        let (certificate, server_tls) = certificate(config, &data_dir)?;
 
         let ring = tokio::task::spawn_blocking({
             let specs = config.dkim_key_specs();
@@ -307,7 +366,6 @@ impl Daemon {
         let wake = Arc::new(tokio::sync::Notify::new());
         let spf = spf_checker(config, &resolver, &log, &metrics, &clock);
 
-        let policy = Arc::new(policy(config));
         let users = Arc::new(Users::from_config(&config.tenants));
         let s = &config.smtp;
         let storage = StorageGuard::new(
@@ -315,36 +373,17 @@ impl Daemon {
             config.queue.min_free_mb * 1024 * 1024,
         );
         storage.check(0);
-        let session = Arc::new(SessionConfig {
-            hostname,
-            max_message_size: s.max_message_size,
-            max_recipients: s.max_recipients,
-            max_errors: s.max_errors,
-            max_auth_failures: s.max_auth_failures,
-            starttls: true,
-            auth: !users.is_empty(),
-            policy: policy.clone(),
-            storage_low: storage.flag(),
-            check_sender: spf
-                .as_ref()
-                .is_some_and(|c| c.policy() == SpfPolicy::Enforce),
-        });
+        let check_sender = spf
+            .as_ref()
+            .is_some_and(|c| c.policy() == SpfPolicy::Enforce);
+        let live = live(config, users, &server_tls, storage.flag(), check_sender);
         let receiver = Arc::new(Receiver {
-            session,
-            policy,
-            users,
+            live: std::sync::RwLock::new(Arc::new(live)),
             throttle: AuthThrottle::new(s.max_auth_failures_per_ip, s.auth_failure_window),
             limits: ConnectionLimits::new(s.max_connections, s.max_connections_per_ip),
             queue,
             log,
             clock,
-            tls: Some(acceptor.clone()),
-            timeouts: Timeouts {
-                command: s.command_timeout,
-                data: s.data_timeout,
-                handshake: s.tls_handshake_timeout,
-                auth_failure_delay: s.auth_failure_delay,
-            },
             storage,
             signer: signer.clone(),
             metrics: metrics.clone(),
@@ -412,7 +451,8 @@ impl Daemon {
                 tracing::info!(addr = %tcp.local_addr().unwrap_or(addr), "admin API over HTTPS (bearer tokens)");
                 acceptors.push(tokio::spawn(crate::admin::serve_tcp(
                     tcp,
-                    acceptor.clone(),
+                    // The certificate at start; a reload does not reach it.
+                    TlsAcceptor::from(server_tls.config.clone()),
                     tokens,
                     state.clone(),
                     shutdown_rx.clone(),
@@ -535,6 +575,11 @@ impl Daemon {
             receiver,
             delivery,
             spf,
+            running: Mutex::new(Running {
+                started: config.clone(),
+                applied: config.clone(),
+                tls_fingerprint: server_tls.fingerprint,
+            }),
             log_guard,
         })
     }
@@ -548,25 +593,147 @@ impl Daemon {
         &self.delivery
     }
 
-    /// Loads the DKIM keys of `config` and, if every one loads, uses them
-    /// for new messages; otherwise keeps the current keys. Returns how many
-    /// keys are now in use.
-    pub async fn reload_dkim(&self, config: &Config) -> Result<usize, dkim_keys::KeyError> {
-        let specs = config.dkim_key_specs();
-        let ring = tokio::task::spawn_blocking(move || KeyRing::load(&specs))
-            .await
-            .expect("key loading does not panic")?;
-        let n = ring.keys().len();
-        self.receiver.signer.replace_ring(ring);
-        Ok(n)
+    /// SIGHUP: reads the configuration again (`file`, or the embedded
+    /// default; `data_dir` as `--data-dir` gave it) with the certificate
+    /// and DKIM key files it names, and if everything loads, swaps it in
+    /// for new connections and messages; sessions already open finish under
+    /// the settings they started with. Keys only a restart applies are
+    /// reported, not applied. Anything that fails to load refuses the
+    /// whole reload and the running configuration stays. Either way a
+    /// ConfigReload record says what happened; then SPF is checked again
+    /// (in the background) so that a record the customer fixed passes.
+    pub async fn reload(
+        &self,
+        file: Option<&Path>,
+        data_dir: Option<&Path>,
+    ) -> Result<Reloaded, ReloadError> {
+        let result = self.load_and_apply(file, data_dir).await;
+        let record = match &result {
+            Ok(r) => log::ConfigReload {
+                timestamp: time::OffsetDateTime::from(self.receiver.clock.now()),
+                file: file.map(|f| f.display().to_string()),
+                result: "ok".into(),
+                error: None,
+                changed: r.changes.applied.clone(),
+                needs_restart: r.changes.needs_restart.clone(),
+                tls_certificate_sha256: Some(r.tls_fingerprint.clone()),
+                dkim_keys: Some(r.dkim_keys),
+            },
+            Err(e) => log::ConfigReload {
+                timestamp: time::OffsetDateTime::from(self.receiver.clock.now()),
+                file: file.map(|f| f.display().to_string()),
+                result: "refused".into(),
+                error: Some(e.to_string()),
+                changed: Vec::new(),
+                needs_restart: Vec::new(),
+                tls_certificate_sha256: None,
+                dkim_keys: None,
+            },
+        };
+        self.receiver.log.write(Record::ConfigReload(record));
+        if let Some(spf) = self.spf.clone() {
+            tokio::spawn(async move { spf.refresh().await });
+        }
+        result
+    }
+
+    async fn load_and_apply(
+        &self,
+        file: Option<&Path>,
+        data_dir: Option<&Path>,
+    ) -> Result<Reloaded, ReloadError> {
+        let (file, data_dir) = (file.map(Path::to_path_buf), data_dir.map(Path::to_path_buf));
+        let running_dir = self
+            .running
+            .lock()
+            .expect("running lock")
+            .started
+            .data_dir
+            .clone();
+        // Everything that reads files or hashes runs off the reactor, and
+        // before anything is swapped.
+        let (config, (_, server_tls), ring, users) = tokio::task::spawn_blocking(move || {
+            let mut config = match &file {
+                Some(f) => Config::load(f)?,
+                None => Config::default(),
+            };
+            if let Some(d) = data_dir {
+                config.data_dir = d;
+            }
+            let tls = certificate(&config, &running_dir)?;
+            let ring = KeyRing::load(&config.dkim_key_specs())?;
+            let users = Users::from_config(&config.tenants);
+            Ok::<_, ReloadError>((config, tls, ring, users))
+        })
+        .await
+        .expect("loading the configuration does not panic")?;
+
+        let mut running = self.running.lock().expect("running lock");
+        let mut changes = crate::reload::compare(&running.started, &running.applied, &config);
+        if server_tls.fingerprint != running.tls_fingerprint
+            && !changes.applied.iter().any(|k| k.starts_with("smtp.tls_"))
+        {
+            // Same paths, new files: a renewed certificate.
+            changes.applied.push("smtp.tls_certificate".into());
+        }
+        // The SPF checker runs from start to stop: a policy turned off or
+        // on waits for a restart, and meanwhile the running one holds.
+        let spf_policy = match &self.spf {
+            Some(c) if config.spf.policy == SpfPolicy::Off => c.policy(),
+            Some(c) => {
+                c.retune(Tuning {
+                    policy: config.spf.policy,
+                    interval: config.spf.check_interval,
+                    domains: Arc::new(spf_domains(&config)),
+                });
+                config.spf.policy
+            }
+            None => SpfPolicy::Off,
+        };
+        let s = &config.smtp;
+        self.receiver
+            .limits
+            .set_limits(s.max_connections, s.max_connections_per_ip);
+        self.receiver
+            .throttle
+            .set_limits(s.max_auth_failures_per_ip, s.auth_failure_window);
+        let dkim_keys = ring.keys().len();
+        self.receiver.signer.replace(ring, signing_policy(&config));
+        let live = live(
+            &config,
+            Arc::new(users),
+            &server_tls,
+            self.receiver.storage.flag(),
+            spf_policy == SpfPolicy::Enforce,
+        );
+        self.receiver.replace_live(live);
+        running.applied = config;
+        running.tls_fingerprint = server_tls.fingerprint.clone();
+        Ok(Reloaded {
+            changes,
+            dkim_keys,
+            tls_fingerprint: server_tls.fingerprint,
+        })
     }
 
     /// Evaluates every configured sender domain with every egress IP
-    /// again (SIGHUP): a record the customer fixed passes from now on.
+    /// again, and returns when done (a reload does the same in the
+    /// background): a record the customer fixed passes from now on.
     pub async fn refresh_spf(&self) {
         if let Some(spf) = &self.spf {
             spf.refresh().await;
         }
+    }
+
+    /// How long a clean stop waits for sessions and deliveries under way
+    /// (`[smtp] shutdown_grace` as last applied).
+    pub fn shutdown_grace(&self) -> Duration {
+        self.running
+            .lock()
+            .expect("running lock")
+            .applied
+            .smtp
+            .shutdown_grace
     }
 
     /// The SPF checker, when `[spf] policy` is not off.
@@ -585,8 +752,13 @@ impl Daemon {
     }
 
     /// Stops accepting; sessions waiting for a command get `421 4.3.2`,
-    /// sessions inside a message may finish it within `grace`. Then the
-    /// store is closed and the log written out.
+    /// sessions inside a message may finish it within `grace` (and get
+    /// their 250 only once it is stored); delivery claims nothing more,
+    /// and each worker stops after the transaction it is in, whose outcome
+    /// is stored. Then the store is synced and the log written out.
+    /// Whatever is still running after `grace` is dropped unacknowledged:
+    /// a message cut off in DATA was never answered 250, and a delivery cut
+    /// off has no outcome, so the restarted daemon tries it again.
     pub async fn shutdown(self, grace: Duration) {
         let _ = self.shutdown.send(true);
         for a in self.acceptors {
@@ -604,6 +776,13 @@ impl Daemon {
             tracing::warn!(
                 sessions = left,
                 "sessions still open at shutdown; their unfinished messages were not accepted"
+            );
+        }
+        let sending = self.delivery.in_flight();
+        if sending > 0 {
+            tracing::warn!(
+                messages = sending,
+                "deliveries still under way at shutdown (raise [smtp] shutdown_grace); they are tried again after the restart"
             );
         }
         let queue = self.receiver.queue.clone();

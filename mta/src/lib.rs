@@ -28,6 +28,7 @@
 //! - [`log`]: the transaction log schema, writer and reader.
 //! - [`metrics`]: Prometheus metrics and `/metrics`.
 //! - [`dns`]: the resolver.
+//! - [`reload`]: what SIGHUP applies and what needs a restart.
 //! - [`config`], [`tls`], [`stream`], [`clock`], [`daemon`], [`notify`]
 //!   (systemd readiness and watchdog), [`cli`], [`dkim_cli`], [`spf_cli`].
 //!
@@ -51,6 +52,7 @@ pub mod metrics;
 pub mod notify;
 pub mod policy;
 pub mod reception;
+pub mod reload;
 pub mod server;
 pub mod sign;
 pub mod smtp;

@@ -280,6 +280,38 @@ pub struct AdminAction {
     pub recipients: Vec<String>,
 }
 
+/// SIGHUP read the configuration again: applied, or refused as a whole
+/// (nothing changed). Operators of regulated platforms need the rules a
+/// message was accepted under on record, so every reload leaves one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigReload {
+    #[serde(with = "time::serde::rfc3339")]
+    pub timestamp: Timestamp,
+    /// The file read; absent for the embedded default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
+    /// `ok`, or `refused` (the running configuration stays).
+    pub result: String,
+    /// Why it was refused: `file:line:column: message`, or the certificate
+    /// or key file that did not load.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Keys whose new values are in effect now (`smtp.relay_networks`,
+    /// `tenants.<name>`, `dkim.keys`, ...).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub changed: Vec<String>,
+    /// Keys whose new values only a restart applies; their running values
+    /// stay until then.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub needs_restart: Vec<String>,
+    /// SHA-256 (hex) of the certificate new TLS handshakes present.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_certificate_sha256: Option<String>,
+    /// DKIM keys loaded (active or not).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dkim_keys: Option<usize>,
+}
+
 /// One transaction log record.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type")]
@@ -298,6 +330,8 @@ pub enum Record {
     SpfChange(SpfChange),
     /// A change through the admin API; for a delete, final for `recipients`.
     AdminAction(AdminAction),
+    /// A SIGHUP reload of the configuration.
+    ConfigReload(ConfigReload),
 }
 
 impl Record {
@@ -308,6 +342,7 @@ impl Record {
             Record::AuthFailure(r) => r.timestamp,
             Record::SpfChange(r) => r.timestamp,
             Record::AdminAction(r) => r.timestamp,
+            Record::ConfigReload(r) => r.timestamp,
             Record::Delivery(a)
             | Record::TransientFailure(a)
             | Record::Bounce(a)
@@ -349,6 +384,7 @@ impl Record {
             Record::Expiration(_) => "Expiration",
             Record::SpfChange(_) => "SpfChange",
             Record::AdminAction(_) => "AdminAction",
+            Record::ConfigReload(_) => "ConfigReload",
         }
     }
 }

@@ -94,6 +94,22 @@ fn contains(nets: &[IpNet], ip: IpAddr) -> bool {
 }
 
 impl Policy {
+    /// The policy a configuration describes (at start and on SIGHUP).
+    pub fn from_config(config: &crate::config::Config) -> Policy {
+        Policy {
+            allowed_networks: config.smtp.allowed_networks.clone(),
+            relay_networks: config.smtp.relay_networks.clone(),
+            tenants: config
+                .tenants
+                .iter()
+                .map(|t| Tenant {
+                    name: t.name.get_ref().clone(),
+                    sender_domains: t.sender_domains.clone(),
+                })
+                .collect(),
+        }
+    }
+
     /// May this client connect at all?
     pub fn is_allowed(&self, ip: IpAddr) -> bool {
         contains(&self.allowed_networks, ip)

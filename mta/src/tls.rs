@@ -95,8 +95,28 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     f.sync_all()
 }
 
+/// A loaded certificate and key, ready for handshakes.
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    pub config: Arc<ServerConfig>,
+    /// SHA-256 of the leaf certificate (DER), in lower-case hex: what a
+    /// client sees, named in the log when a reload changes it.
+    pub fingerprint: String,
+}
+
+/// SHA-256 of a DER certificate, lower-case hex.
+pub fn fingerprint(der: &[u8]) -> String {
+    aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// Loads the certificate chain and key into a server configuration.
-pub fn server_config(source: &CertSource) -> Result<Arc<ServerConfig>, TlsError> {
+/// Every file is read and checked here, so a reload with a broken file
+/// fails before anything is swapped.
+pub fn server_config(source: &CertSource) -> Result<ServerTls, TlsError> {
     install_crypto_provider();
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&source.certificate)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
@@ -115,6 +135,7 @@ pub fn server_config(source: &CertSource) -> Result<Arc<ServerConfig>, TlsError>
             path: source.private_key.clone(),
             reason: e.to_string(),
         })?;
+    let leaf = fingerprint(&certs[0]);
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
@@ -127,7 +148,10 @@ pub fn server_config(source: &CertSource) -> Result<Arc<ServerConfig>, TlsError>
     if let Ok(ticketer) = rustls::crypto::aws_lc_rs::Ticketer::new() {
         config.ticketer = ticketer;
     }
-    Ok(Arc::new(config))
+    Ok(ServerTls {
+        config: Arc::new(config),
+        fingerprint: leaf,
+    })
 }
 
 /// The negotiated version and cipher, named as IANA names them.
@@ -160,7 +184,14 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
-        server_config(&a).unwrap();
+        let loaded = server_config(&a).unwrap();
+        let pem = std::fs::read(&a.certificate).unwrap();
+        let der = CertificateDer::pem_slice_iter(&pem)
+            .next()
+            .unwrap()
+            .unwrap();
+        assert_eq!(loaded.fingerprint, fingerprint(&der));
+        assert_eq!(loaded.fingerprint.len(), 64);
         let b = ensure_self_signed(dir.path(), "mx.test").unwrap();
         assert_eq!(
             std::fs::read(&b.certificate).unwrap(),

@@ -275,3 +275,159 @@ fn systemd_hears_ready_watchdog_reloading_and_stopping() {
     assert!(status.success(), "{status}");
     while next(&mut heard) != "STOPPING=1" {}
 }
+
+/// Sends SIGTERM and returns at once (the daemon stops in the background).
+fn sigterm(d: &DaemonProcess) {
+    // SAFETY: kill(2) on our own child; no memory is involved.
+    assert_eq!(
+        unsafe { libc::kill(d.child.id() as libc::pid_t, libc::SIGTERM) },
+        0
+    );
+}
+
+#[test]
+fn sigterm_lets_a_message_in_data_finish_and_accepts_nothing_unfinished() {
+    // The clean stop: no new connections; idle sessions get 421; a
+    // session in DATA may finish within shutdown_grace and gets its 250
+    // (the message is in the queue after the stop); one that does not
+    // finish in time gets no reply and nothing of it is stored; exit 0.
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = DaemonProcess::start(dir.path(), "[smtp]\nshutdown_grace = \"2s\"\n");
+    let begin = |subject: &str| {
+        let mut c = Client::connect(d.addr);
+        c.ehlo();
+        c.begin_data("news@x.example", "a@dest.example");
+        c.send(format!(
+            "From: <news@x.example>\r\nSubject: {subject}\r\n\r\n"
+        ));
+        c
+    };
+    let mut finishing = begin("finishes");
+    let mut stalled = begin("stalls");
+    let mut idle = Client::connect(d.addr);
+    idle.ehlo();
+
+    sigterm(&d);
+    // Listening has stopped: the signal was taken.
+    spec_tests::server::eventually("the listener to close", || {
+        std::net::TcpStream::connect(d.addr).is_err().then_some(())
+    });
+    let r = idle.reply();
+    assert_eq!((r.code, r.enhanced()), (421, Some("4.3.2")), "{r}");
+    finishing.send("The rest, after SIGTERM.\r\n.\r\n");
+    let r = finishing.reply();
+    assert_eq!(r.code, 250, "the message in DATA was cut off: {r}");
+    let id = queued_id(&r);
+    let r = finishing.reply();
+    assert_eq!((r.code, r.enhanced()), (421, Some("4.3.2")), "{r}");
+
+    // The stalled one: the grace runs out, the daemon exits 0 without
+    // answering it.
+    stalled.set_read_timeout(Duration::from_secs(60));
+    if let Ok(r) = stalled.try_reply() {
+        panic!("the unfinished message got a reply: {r}");
+    }
+    let status =
+        spec_tests::server::eventually("the daemon to exit", || d.child.try_wait().unwrap());
+    assert!(status.success(), "{status}\n{}", d.stderr());
+    assert!(
+        d.stderr().contains("sessions still open at shutdown"),
+        "{}",
+        d.stderr()
+    );
+
+    let data_dir = d.data_dir.clone();
+    assert_eq!(offline_ids(&data_dir), BTreeSet::from([id.clone()]));
+    let receptions: Vec<String> = spec_tests::server::read_log(&data_dir)
+        .into_iter()
+        .filter_map(|r| match r {
+            mta::log::Record::Reception(r) => Some(r.queue_id),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(receptions, [id]);
+    // And the restarted daemon has it.
+    let d = DaemonProcess::start(dir.path(), "[smtp]\nshutdown_grace = \"2s\"\n");
+    assert!(
+        d.stderr().contains("queue recovered messages=1"),
+        "{}",
+        d.stderr()
+    );
+    assert!(d.terminate().success());
+}
+
+#[test]
+fn a_clean_stop_while_delivering_sends_nothing_twice_and_the_restart_sends_the_rest() {
+    // SIGTERM while deliveries are under way: each finishes its
+    // transaction and is recorded; what waited goes back to the queue; the
+    // restarted daemon sends the rest. The sink counts every delivery.
+    let sink = Sink::start(
+        "127.0.0.2:0".parse().unwrap(),
+        SinkConfig {
+            reply_delay: Duration::from_millis(50),
+            ..Default::default()
+        },
+    );
+    let toml = format!(
+        "[delivery]\nrelay_host = \"{}\"\nmax_connections_per_destination = 2\n",
+        sink.addr
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let d = DaemonProcess::start(dir.path(), &toml);
+    let data_dir = d.data_dir.clone();
+    let mut c = Client::connect(d.addr);
+    c.ehlo();
+    let n = 20;
+    let ids: BTreeSet<String> = (0..n)
+        .map(|i| {
+            let replies = c.send_message(
+                "news@x.example",
+                &["a@dest.example"],
+                &message("news@x.example", "a@dest.example", &format!("stop {i}")),
+            );
+            queued_id(replies.last().unwrap())
+        })
+        .collect();
+    sink.wait_for_messages(2, Duration::from_secs(60));
+    assert!(d.terminate().success());
+    let delivered = |data_dir: &std::path::Path| -> Vec<String> {
+        spec_tests::server::read_log(data_dir)
+            .into_iter()
+            .filter(|r| r.kind() == "Delivery")
+            .filter_map(|r| r.queue_id().map(str::to_string))
+            .collect()
+    };
+    let first = delivered(&data_dir);
+    assert_eq!(
+        sink.messages().len(),
+        first.len(),
+        "the sink got what the log does not record (or the reverse)"
+    );
+    assert!(first.len() < n, "the stop came too late to test");
+    let left = offline_ids(&data_dir);
+    assert_eq!(left.len() + first.len(), n, "lost or doubled in the queue");
+
+    let d = DaemonProcess::start(dir.path(), &toml);
+    spec_tests::server::eventually("every message delivered", || {
+        (delivered(&data_dir).len() >= n).then_some(())
+    });
+    assert!(d.terminate().success());
+    let all = delivered(&data_dir);
+    assert_eq!(all.iter().cloned().collect::<BTreeSet<_>>(), ids);
+    assert_eq!(all.len(), n, "a message has two Delivery records");
+    let mut subjects: Vec<String> = sink
+        .messages()
+        .iter()
+        .map(|m| {
+            String::from_utf8_lossy(&m.data)
+                .lines()
+                .find_map(|l| l.strip_prefix("Subject: ").map(str::to_string))
+                .unwrap_or_default()
+        })
+        .collect();
+    subjects.sort();
+    let unique: BTreeSet<&String> = subjects.iter().collect();
+    assert_eq!(unique.len(), subjects.len(), "sent twice: {subjects:?}");
+    assert_eq!(subjects.len(), n);
+    assert!(offline_ids(&data_dir).is_empty());
+}

@@ -2,14 +2,16 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::smtp::{Reply, Status};
 
 #[derive(Debug)]
 pub struct ConnectionLimits {
-    max_total: usize,
-    max_per_ip: usize,
+    /// Atomics: SIGHUP changes them while connections come and go.
+    max_total: AtomicUsize,
+    max_per_ip: AtomicUsize,
     state: Mutex<(usize, HashMap<IpAddr, usize>)>,
 }
 
@@ -36,8 +38,8 @@ impl Drop for Slot {
 impl ConnectionLimits {
     pub fn new(max_total: usize, max_per_ip: usize) -> Arc<Self> {
         Arc::new(ConnectionLimits {
-            max_total,
-            max_per_ip,
+            max_total: AtomicUsize::new(max_total),
+            max_per_ip: AtomicUsize::new(max_per_ip),
             state: Mutex::new((0, HashMap::new())),
         })
     }
@@ -45,7 +47,7 @@ impl ConnectionLimits {
     /// Takes a slot, or says why not (`421 4.7.0`).
     pub fn acquire(self: &Arc<Self>, ip: IpAddr) -> Result<Slot, Reply> {
         let mut st = self.state.lock().expect("limits lock");
-        if st.0 >= self.max_total {
+        if st.0 >= self.max_total.load(Ordering::Relaxed) {
             return Err(Reply::new(
                 421,
                 Status(4, 7, 0),
@@ -53,7 +55,7 @@ impl ConnectionLimits {
             ));
         }
         let n = st.1.entry(ip).or_insert(0);
-        if *n >= self.max_per_ip {
+        if *n >= self.max_per_ip.load(Ordering::Relaxed) {
             return Err(Reply::new(
                 421,
                 Status(4, 7, 0),
@@ -66,6 +68,13 @@ impl ConnectionLimits {
             limits: self.clone(),
             ip,
         })
+    }
+
+    /// New limits (SIGHUP). Connections above a lowered limit stay; new
+    /// ones wait until the count is under it.
+    pub fn set_limits(&self, max_total: usize, max_per_ip: usize) {
+        self.max_total.store(max_total, Ordering::Relaxed);
+        self.max_per_ip.store(max_per_ip, Ordering::Relaxed);
     }
 
     pub fn active(&self) -> usize {
@@ -92,6 +101,11 @@ mod tests {
         assert!(!e.text.contains("your address"), "total limit first");
         drop(s1);
         assert_eq!(l.active(), 2);
-        l.acquire(b).unwrap();
+        let s4 = l.acquire(b).unwrap();
+        // Lowered to the open count: open slots stay, new ones wait.
+        l.set_limits(3, 2);
+        assert!(l.acquire(a).is_err());
+        drop(s4);
+        l.acquire(a).unwrap();
     }
 }

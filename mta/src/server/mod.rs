@@ -10,7 +10,7 @@ mod limits;
 mod storage;
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use queue::{NewMessage, Queue, Submission};
@@ -29,7 +29,7 @@ use crate::auth::{AuthThrottle, Users};
 use crate::clock::{Clock, millis};
 use crate::log::{self, Record, SessionInfo, TransactionLog};
 use crate::metrics::Metrics;
-use crate::policy::{Policy, canonical_ip};
+use crate::policy::canonical_ip;
 use crate::reception;
 use crate::sign::{Signed, Signer};
 use crate::smtp::command::BodyType;
@@ -48,18 +48,29 @@ pub struct Timeouts {
     pub auth_failure_delay: Duration,
 }
 
+/// What sessions read from the configuration. SIGHUP builds a new one and
+/// swaps it in whole; each connection takes the one current when it is
+/// accepted and keeps it to its end, so a reload never changes the rules
+/// (networks, tenants, users, limits) in the middle of a session.
+pub struct Live {
+    /// The session's settings and the reception policy (`session.policy`).
+    pub session: Arc<SessionConfig>,
+    pub users: Arc<Users>,
+    /// The certificate. Taken afresh at every handshake, so that a STARTTLS
+    /// after a reload already presents the new one.
+    pub tls: Option<TlsAcceptor>,
+    pub timeouts: Timeouts,
+}
+
 /// Everything sessions share.
 pub struct Receiver {
-    pub session: Arc<SessionConfig>,
-    pub policy: Arc<Policy>,
-    pub users: Arc<Users>,
+    /// The current [`Live`] settings; read with [`Receiver::live`].
+    pub live: RwLock<Arc<Live>>,
     pub throttle: AuthThrottle,
     pub limits: Arc<ConnectionLimits>,
     pub queue: Queue,
     pub log: TransactionLog,
     pub clock: Arc<dyn Clock>,
-    pub tls: Option<TlsAcceptor>,
-    pub timeouts: Timeouts,
     pub storage: StorageGuard,
     pub signer: Arc<Signer>,
     pub metrics: Arc<Metrics>,
@@ -83,6 +94,16 @@ fn timestamp(clock: &dyn Clock) -> log::Timestamp {
 const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Receiver {
+    /// The settings new connections get now.
+    pub fn live(&self) -> Arc<Live> {
+        self.live.read().expect("live lock").clone()
+    }
+
+    /// Swaps in new settings (SIGHUP); open sessions keep theirs.
+    pub fn replace_live(&self, live: Live) {
+        *self.live.write().expect("live lock") = Arc::new(live);
+    }
+
     fn info(&self, peer: SocketAddr, session: Option<&Session>) -> SessionInfo {
         let mut info = SessionInfo {
             peer_ip: canonical_ip(peer.ip()).to_string(),
@@ -149,12 +170,12 @@ impl Receiver {
 
     /// Checks the credentials off the reactor, with the per-address throttle
     /// and the delay after a failure.
-    async fn authenticate(&self, ip: IpAddr, req: AuthRequest) -> AuthOutcome {
+    async fn authenticate(&self, live: &Live, ip: IpAddr, req: AuthRequest) -> AuthOutcome {
         let now = Instant::now();
         if self.throttle.is_locked(ip, now) {
             return AuthOutcome::Locked;
         }
-        let users = self.users.clone();
+        let users = live.users.clone();
         let (user, password) = (req.user.clone(), req.password);
         let verified = tokio::task::spawn_blocking(move || users.verify(&user, &password)).await;
         let identity = match verified {
@@ -172,7 +193,7 @@ impl Receiver {
             None => "invalid credentials",
         };
         self.throttle.record_failure(ip, now);
-        tokio::time::sleep(self.timeouts.auth_failure_delay).await;
+        tokio::time::sleep(live.timeouts.auth_failure_delay).await;
         AuthOutcome::Failure { reason }
     }
 
@@ -266,7 +287,12 @@ impl Receiver {
     }
 
     /// Checks, stores and logs a complete message; the queue ID on success.
-    async fn receive(&self, env: Envelope, info: SessionInfo) -> Result<String, Reply> {
+    async fn receive(
+        &self,
+        live: &Live,
+        env: Envelope,
+        info: SessionInfo,
+    ) -> Result<String, Reply> {
         let now = self.clock.now();
         let id = self.queue.next_id(millis(now));
         let id_text = id.to_string();
@@ -284,8 +310,8 @@ impl Receiver {
         };
         let prepared = match reception::prepare(
             &env,
-            &self.policy,
-            &self.session.hostname,
+            &live.session.policy,
+            &live.session.hostname,
             &id_text,
             now,
             rand::random(),
@@ -434,13 +460,15 @@ pub async fn accept_loop(
         };
         let _ = socket.set_nodelay(true);
         let ip = canonical_ip(peer.ip());
-        let refusal = if !rx.policy.is_allowed(ip) {
+        // The settings of this connection, from accept to close.
+        let live = rx.live();
+        let refusal = if !live.session.policy.is_allowed(ip) {
             Err(Reply::new(
                 554,
                 Status(5, 7, 1),
                 format!(
                     "{} Access denied: your address is not allowed to connect",
-                    rx.session.hostname
+                    live.session.hostname
                 ),
             ))
         } else {
@@ -452,7 +480,7 @@ pub async fn accept_loop(
                 let shutdown = shutdown.clone();
                 tokio::spawn(async move {
                     rx.metrics.smtp_sessions.inc();
-                    serve(&rx, socket, peer, implicit_tls, shutdown).await;
+                    serve(&rx, &live, socket, peer, implicit_tls, shutdown).await;
                     rx.metrics.smtp_sessions.dec();
                     drop(slot);
                 });
@@ -480,8 +508,10 @@ async fn handshake(
     rx: &Receiver,
     socket: TcpStream,
 ) -> Result<(Stream, crate::smtp::TlsInfo), String> {
-    let acceptor = rx.tls.as_ref().ok_or("TLS is not configured")?;
-    match tokio::time::timeout(rx.timeouts.handshake, acceptor.accept(socket)).await {
+    // The certificate current now, even in a session opened before a reload.
+    let live = rx.live();
+    let acceptor = live.tls.as_ref().ok_or("TLS is not configured")?;
+    match tokio::time::timeout(live.timeouts.handshake, acceptor.accept(socket)).await {
         Ok(Ok(tls)) => {
             let info = crate::tls::info(tls.get_ref().1);
             Ok((Stream::Tls(Box::new(tls)), info))
@@ -507,6 +537,7 @@ async fn flush(io: &mut Stream, session: &mut Session) -> std::io::Result<()> {
 /// Drives one session until it ends.
 async fn serve(
     rx: &Receiver,
+    live: &Live,
     socket: TcpStream,
     peer: SocketAddr,
     implicit_tls: bool,
@@ -516,7 +547,7 @@ async fn serve(
     let session_peer = Peer {
         ip,
         port: peer.port(),
-        relay: rx.policy.may_relay(ip),
+        relay: live.session.policy.may_relay(ip),
     };
     let (mut io, tls) = if implicit_tls {
         match handshake(rx, socket).await {
@@ -529,7 +560,7 @@ async fn serve(
     } else {
         (Stream::Plain(socket), None)
     };
-    let mut session = Session::new(rx.session.clone(), session_peer, tls);
+    let mut session = Session::new(live.session.clone(), session_peer, tls);
     session.greeting();
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -541,9 +572,9 @@ async fn serve(
         match step {
             Step::NeedInput => {
                 let (limit, what) = if session.in_data() {
-                    (rx.timeouts.data, "message content")
+                    (live.timeouts.data, "message content")
                 } else {
-                    (rx.timeouts.command, "a command")
+                    (live.timeouts.command, "a command")
                 };
                 tokio::select! {
                     read = tokio::time::timeout(limit, io.read(&mut buf)) => match read {
@@ -552,14 +583,14 @@ async fn serve(
                         Err(_) => session.abort(Reply::new(
                             421,
                             Status(4, 4, 2),
-                            format!("{} Timeout waiting for {what}; closing the connection", rx.session.hostname),
+                            format!("{} Timeout waiting for {what}; closing the connection", live.session.hostname),
                         )),
                     },
                     // A session in the middle of a message may finish it.
                     _ = shutdown.wait_for(|&s| s), if !session.in_data() => session.abort(Reply::new(
                         421,
                         Status(4, 3, 2),
-                        format!("{} Service shutting down; try again later", rx.session.hostname),
+                        format!("{} Service shutting down; try again later", live.session.hostname),
                     )),
                 }
             }
@@ -579,7 +610,7 @@ async fn serve(
                 }
             }
             Step::Authenticate(req) => {
-                let outcome = rx.authenticate(ip, req).await;
+                let outcome = rx.authenticate(live, ip, req).await;
                 session.auth_result(outcome);
             }
             Step::CheckSender(sender) => {
@@ -588,7 +619,7 @@ async fn serve(
             }
             Step::Message(env) => {
                 let info = rx.info(peer, Some(&session));
-                let result = rx.receive(*env, info).await;
+                let result = rx.receive(live, *env, info).await;
                 session.message_result(result);
             }
             Step::Close => break,

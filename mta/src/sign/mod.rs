@@ -66,7 +66,9 @@ pub struct SigningPolicy {
 /// The signing step of reception.
 pub struct Signer {
     ring: RwLock<Arc<KeyRing>>,
-    policy: SigningPolicy,
+    /// Swapped with the ring on SIGHUP (tenants' signing domains, the
+    /// unsigned policy, the expiration).
+    policy: RwLock<Arc<SigningPolicy>>,
     permits: Semaphore,
     metrics: Arc<Metrics>,
 }
@@ -82,7 +84,7 @@ impl Signer {
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         Signer {
             ring: RwLock::new(Arc::new(ring)),
-            policy,
+            policy: RwLock::new(Arc::new(policy)),
             permits: Semaphore::new(cores),
             metrics,
         }
@@ -93,10 +95,17 @@ impl Signer {
         self.ring.read().expect("ring lock").clone()
     }
 
-    /// Swaps in a freshly loaded ring; messages being signed finish with
-    /// the old one.
-    pub fn replace_ring(&self, ring: KeyRing) {
-        *self.ring.write().expect("ring lock") = Arc::new(ring);
+    /// Swaps in freshly loaded keys and a new policy together (SIGHUP);
+    /// messages being signed finish with the old ones.
+    pub fn replace(&self, ring: KeyRing, policy: SigningPolicy) {
+        let mut r = self.ring.write().expect("ring lock");
+        let mut p = self.policy.write().expect("policy lock");
+        *r = Arc::new(ring);
+        *p = Arc::new(policy);
+    }
+
+    fn policy(&self) -> Arc<SigningPolicy> {
+        self.policy.read().expect("policy lock").clone()
     }
 
     /// The domain and keys that sign a message from `from_domain` of `tenant`.
@@ -111,7 +120,7 @@ impl Signer {
             return Some((from_domain.to_ascii_lowercase(), keys));
         }
         let fallback = tenant.and_then(|t| {
-            self.policy
+            self.policy()
                 .tenant_domains
                 .iter()
                 .find(|(name, _)| name == t)
@@ -137,7 +146,7 @@ impl Signer {
                 }
                 None => format!("no DKIM key for {from_domain}"),
             };
-            return match self.policy.unsigned {
+            return match self.policy().unsigned {
                 UnsignedPolicy::Accept => {
                     self.metrics.dkim_unsigned.inc();
                     Ok(Signed::No { reason })
@@ -152,7 +161,7 @@ impl Signer {
             };
         };
         let _permit = self.permits.acquire().await.expect("never closed");
-        let expiration = self.policy.expiration;
+        let expiration = self.policy().expiration;
         let started = Instant::now();
         let result = tokio::task::spawn_blocking(move || {
             sign_message(&keys, &domain, &message, now, expiration)

@@ -71,11 +71,9 @@ struct Cached {
 
 /// The SPF side of the daemon.
 pub struct SpfChecker {
-    policy: SpfPolicy,
-    interval: Duration,
+    /// What SIGHUP may change: the policy, the interval, the domains.
+    tuning: std::sync::RwLock<Tuning>,
     sources: Vec<Source>,
-    /// Tenants' sender domains (exact ones), checked periodically.
-    domains: Vec<String>,
     dns: HickoryDns,
     options: Options,
     cache: Mutex<HashMap<(String, IpAddr), Cached>>,
@@ -91,10 +89,20 @@ pub struct SpfChecker {
 impl std::fmt::Debug for SpfChecker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SpfChecker")
-            .field("policy", &self.policy)
+            .field("tuning", &self.tuning())
             .field("sources", &self.sources)
             .finish_non_exhaustive()
     }
+}
+
+/// The settings of a running checker that a reload replaces.
+#[derive(Debug, Clone)]
+pub struct Tuning {
+    /// Enforce or warn (off has no checker).
+    pub policy: SpfPolicy,
+    pub interval: Duration,
+    /// Tenants' sender domains (exact ones), checked periodically.
+    pub domains: Arc<Vec<String>>,
 }
 
 /// What the checker is built from.
@@ -113,10 +121,12 @@ pub struct CheckerParts {
 impl SpfChecker {
     pub fn new(p: CheckerParts) -> Arc<SpfChecker> {
         Arc::new(SpfChecker {
-            policy: p.policy,
-            interval: p.interval,
+            tuning: std::sync::RwLock::new(Tuning {
+                policy: p.policy,
+                interval: p.interval,
+                domains: Arc::new(p.domains),
+            }),
             sources: p.sources,
-            domains: p.domains,
             dns: p.dns,
             options: Options {
                 receiver: p.receiver,
@@ -132,11 +142,25 @@ impl SpfChecker {
     }
 
     pub fn policy(&self) -> SpfPolicy {
-        self.policy
+        self.tuning().policy
     }
 
     pub fn interval(&self) -> Duration {
-        self.interval
+        self.tuning().interval
+    }
+
+    fn tuning(&self) -> Tuning {
+        self.tuning.read().expect("spf tuning").clone()
+    }
+
+    fn domains(&self) -> Arc<Vec<String>> {
+        self.tuning.read().expect("spf tuning").domains.clone()
+    }
+
+    /// New policy, interval and domains (SIGHUP). Results cached so far
+    /// stay; the caller refreshes to check new domains at once.
+    pub fn retune(&self, tuning: Tuning) {
+        *self.tuning.write().expect("spf tuning") = tuning;
     }
 
     pub fn sources(&self) -> &[Source] {
@@ -159,12 +183,13 @@ impl SpfChecker {
             &source.ehlo,
         )
         .await;
+        let interval = self.interval();
         let ttl = match e.result {
             SpfResult::TempError => TEMPERROR_TTL,
             _ => e
                 .ttl
-                .map_or(self.interval, |t| Duration::from_secs(t.into()))
-                .min(self.interval),
+                .map_or(interval, |t| Duration::from_secs(t.into()))
+                .min(interval),
         };
         self.note(&domain, &e);
         let mut cache = self.cache.lock().expect("spf cache");
@@ -195,11 +220,12 @@ impl SpfChecker {
     /// last one, and the gauge.
     fn note(&self, domain: &str, e: &Evaluation) {
         let ip = e.ip;
+        let domains = self.domains();
         let previous = {
             let mut known = self.known.lock().expect("spf known");
             if known.len() >= MAX_CACHED {
                 // Keep the configured domains' history; seen ones start over.
-                known.retain(|(d, _), _| self.domains.contains(d));
+                known.retain(|(d, _), _| domains.contains(d));
             }
             known.insert((domain.to_string(), ip), e.result)
         };
@@ -209,7 +235,7 @@ impl SpfChecker {
         let ip_text = ip.to_string();
         // The gauge only for the configured domains: label values stay
         // bounded whatever senders relay clients use.
-        if self.domains.iter().any(|d| d == domain) {
+        if domains.iter().any(|d| d == domain) {
             if let Some(p) = previous {
                 self.metrics
                     .spf_pair
@@ -244,7 +270,7 @@ impl SpfChecker {
         let domain = domain.to_ascii_lowercase();
         {
             let mut seen = self.seen.lock().expect("spf seen");
-            if seen.len() < MAX_SEEN && !self.domains.contains(&domain) {
+            if seen.len() < MAX_SEEN && !self.domains().contains(&domain) {
                 seen.insert(domain.clone());
             }
         }
@@ -293,7 +319,8 @@ impl SpfChecker {
             .iter()
             .cloned()
             .collect();
-        for domain in self.domains.iter().chain(&seen) {
+        let domains = self.domains();
+        for domain in domains.iter().chain(&seen) {
             for source in &self.sources {
                 self.evaluate(domain, source).await;
             }
@@ -305,7 +332,7 @@ impl SpfChecker {
         loop {
             self.refresh().await;
             tokio::select! {
-                _ = tokio::time::sleep(self.interval) => {}
+                _ = tokio::time::sleep(self.interval()) => {}
                 _ = stop.wait_for(|&s| s) => return,
             }
         }
