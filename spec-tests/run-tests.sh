@@ -30,12 +30,13 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 # dkimpy (with PyNaCl) verifies DKIM; aiosmtpd is an independent receiving
-# MX for the delivery tests. Debian's own python3 refuses pip installs
-# outside a virtualenv (PEP 668): fall back to --break-system-packages there.
-if ! python3 -c 'import dkim, nacl, aiosmtpd' >/dev/null 2>&1; then
-  echo "installing test dependencies: dkimpy pynacl aiosmtpd (PyPI)"
-  python3 -m pip install --quiet --disable-pip-version-check dkimpy pynacl aiosmtpd \
-    || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages dkimpy pynacl aiosmtpd
+# MX for the delivery tests; prometheus-client's parser reads /metrics in
+# the metrics test. Debian's own python3 refuses pip installs outside a
+# virtualenv (PEP 668): fall back to --break-system-packages there.
+if ! python3 -c 'import dkim, nacl, aiosmtpd, prometheus_client.parser' >/dev/null 2>&1; then
+  echo "installing test dependencies: dkimpy pynacl aiosmtpd prometheus-client (PyPI)"
+  python3 -m pip install --quiet --disable-pip-version-check dkimpy pynacl aiosmtpd prometheus-client \
+    || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages dkimpy pynacl aiosmtpd prometheus-client
 fi
 
 cargo fmt --all -- --check

@@ -458,19 +458,90 @@ impl Default for LogConfig {
     }
 }
 
-/// `[metrics]` (served from the operations issue on).
+/// The most `[metrics] top_destinations` may be.
+pub const MAX_TOP_DESTINATIONS: usize = 1000;
+
+/// `[metrics]`: the Prometheus endpoint and how destinations are labelled
+/// (see docs/metrics.md).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsConfig {
     /// Prometheus endpoint. Default "127.0.0.1:9465".
     pub listen: SocketAddr,
+    /// Recipient domains that get a `destination` label of their own, the
+    /// first ones to reach `top_destination_min_recipients` recipients;
+    /// every other domain is `other`. 0: only `destination_groups` and
+    /// `other`. At most 1000. Default 20.
+    pub top_destinations: usize,
+    /// Recipients a domain must have had since the start (a lower bound,
+    /// from a bounded counter of the busiest domains) before it takes one
+    /// of the `top_destinations` labels. Default 100.
+    pub top_destination_min_recipients: u64,
+    /// Named groups of recipient domains, each its own `destination` label
+    /// outside the `top_destinations` count: `google = ["gmail.com",
+    /// "googlemail.com"]`; `*.example` matches subdomains. Default: none.
+    pub destination_groups:
+        std::collections::BTreeMap<Spanned<String>, Vec<Spanned<DomainPattern>>>,
 }
 
 impl Default for MetricsConfig {
     fn default() -> Self {
         MetricsConfig {
             listen: "127.0.0.1:9465".parse().expect("valid"),
+            top_destinations: 20,
+            top_destination_min_recipients: 100,
+            destination_groups: std::collections::BTreeMap::new(),
         }
+    }
+}
+
+impl MetricsConfig {
+    /// Group names and domains must leave every label unambiguous.
+    fn check(&self) -> Result<(), (Option<Range<usize>>, String)> {
+        if self.top_destinations > MAX_TOP_DESTINATIONS {
+            return Err((
+                None,
+                format!(
+                    "[metrics] top_destinations = {} is over {MAX_TOP_DESTINATIONS}: each label is a series per tenant and outcome; name the domains that matter in [metrics.destination_groups] instead",
+                    self.top_destinations
+                ),
+            ));
+        }
+        let mut seen: std::collections::HashMap<String, &str> = std::collections::HashMap::new();
+        for (name, patterns) in &self.destination_groups {
+            let group = name.get_ref().as_str();
+            if group.trim().is_empty() || group == "other" {
+                return Err((
+                    Some(name.span()),
+                    format!(
+                        "[metrics.destination_groups] '{group}' cannot name a group: \"other\" (and the empty name) is the label of ungrouped domains; choose another name"
+                    ),
+                ));
+            }
+            if patterns.is_empty() {
+                return Err((
+                    Some(name.span()),
+                    format!(
+                        "[metrics.destination_groups] {group} lists no domain: list its domains, or remove it"
+                    ),
+                ));
+            }
+            for p in patterns {
+                let text = match p.get_ref() {
+                    DomainPattern::Exact(d) => d.clone(),
+                    DomainPattern::Subdomains(d) => format!("*.{d}"),
+                };
+                if let Some(other) = seen.insert(text.clone(), group) {
+                    return Err((
+                        Some(p.span()),
+                        format!(
+                            "[metrics.destination_groups] {text} is in both '{other}' and '{group}': a domain belongs to one group"
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -686,6 +757,7 @@ impl Config {
                 ));
             }
         }
+        self.metrics.check()?;
         if self.spf.check_interval < Duration::from_secs(1) {
             return Err((None, "[spf] check_interval must be at least \"1s\"".into()));
         }
@@ -809,6 +881,32 @@ mod tests {
         assert_eq!(c.spf.policy, SpfPolicy::Enforce);
         assert_eq!(c.egress[0].address, Some("203.0.113.10".parse().unwrap()));
         assert_eq!(c.delivery.max_lifetime, Duration::from_secs(5 * 86400));
+    }
+
+    #[test]
+    fn metrics_destination_groups_are_checked() {
+        let c = parse(
+            "[metrics]\ntop_destinations = 5\n[metrics.destination_groups]\ngoogle = [\"gmail.com\", \"*.google.com\"]\n",
+        )
+        .unwrap();
+        assert_eq!(c.metrics.top_destinations, 5);
+        assert_eq!(c.metrics.top_destination_min_recipients, 100);
+        let (name, patterns) = c.metrics.destination_groups.iter().next().unwrap();
+        assert_eq!(name.get_ref(), "google");
+        assert!(patterns[1].get_ref().matches("mail.google.com"));
+        let e = parse("[metrics.destination_groups]\nother = [\"a.example\"]\n").unwrap_err();
+        assert_eq!(e.at.map(|a| a.0), Some(2), "{e}");
+        assert!(e.message.contains("choose another name"), "{e}");
+        let e = parse("[metrics.destination_groups]\na = [\"x.example\"]\nb = [\"X.example\"]\n")
+            .unwrap_err();
+        assert_eq!(e.at.map(|a| a.0), Some(3), "{e}");
+        assert!(e.message.contains("in both 'a' and 'b'"), "{e}");
+        let e = parse("[metrics]\ntop_destinations = 1001\n").unwrap_err();
+        assert!(e.message.contains("over 1000"), "{e}");
+        let e = parse("[metrics.destination_groups]\na = []\n").unwrap_err();
+        assert!(e.message.contains("lists no domain"), "{e}");
+        let e = parse("[metrics.destination_groups]\na = [\"not a domain\"]\n").unwrap_err();
+        assert_eq!(e.at.map(|a| a.0), Some(2), "{e}");
     }
 
     #[test]

@@ -353,7 +353,8 @@ impl Daemon {
         .await
         .expect("key loading does not panic")?;
         tracing::info!(keys = ring.keys().len(), "DKIM keys loaded");
-        let metrics = Metrics::new();
+        let metrics = Metrics::new(&config.metrics);
+        metrics.watch_queue(&queue);
         let signer = Arc::new(Signer::new(ring, signing_policy(config), metrics.clone()));
         let resolver = crate::dns::resolver(&config.dns).map_err(StartError::Dns)?;
         let client_tls = ClientTls::new(

@@ -147,7 +147,7 @@ pub fn compare(started: &Config, applied: &Config, new: &Config) -> Changes {
         reload: [],
     });
     sort!(d, metrics: MetricsConfig {
-        restart: [listen],
+        restart: [listen, top_destinations, top_destination_min_recipients, destination_groups],
         reload: [],
     });
     // Whole sections: the store and the admin socket are opened once.

@@ -9,7 +9,7 @@
 //! sessions share one fsync; alone, a writer waits for exactly one.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, mpsc};
+use std::sync::{Arc, RwLock, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -44,21 +44,32 @@ pub struct CommitStats {
     pub flush_time: Duration,
 }
 
+/// Told of every flush: its duration and how many writers it made durable.
+pub(crate) type FlushObserver = Arc<dyn Fn(Duration, usize) + Send + Sync>;
+
 /// Once a flush fails or does not finish in time, the store is failed:
 /// sled 0.34 waits forever for a write that hit an I/O error (ENOSPC), so
 /// no later flush can be trusted until the process restarts and recovers.
-#[derive(Debug)]
 pub(crate) struct GroupCommit {
     tx: Option<mpsc::Sender<Waiter>>,
     thread: Option<thread::JoinHandle<()>>,
     stats: std::sync::Arc<std::sync::Mutex<CommitStats>>,
     timeout: Duration,
     failed: Arc<AtomicBool>,
+    observer: Arc<RwLock<Option<FlushObserver>>>,
 }
 
 impl std::fmt::Debug for Waiter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Waiter")
+    }
+}
+
+impl std::fmt::Debug for GroupCommit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GroupCommit")
+            .field("failed", &self.is_failed())
+            .finish_non_exhaustive()
     }
 }
 
@@ -71,10 +82,12 @@ impl GroupCommit {
         let (tx, rx) = mpsc::channel::<Waiter>();
         let stats = std::sync::Arc::new(std::sync::Mutex::new(CommitStats::default()));
         let failed = Arc::new(AtomicBool::new(false));
-        let (thread_stats, thread_failed) = (stats.clone(), failed.clone());
+        let observer = Arc::new(RwLock::new(None));
+        let (thread_stats, thread_failed, thread_observer) =
+            (stats.clone(), failed.clone(), observer.clone());
         let thread = thread::Builder::new()
             .name("queue-commit".into())
-            .spawn(move || run(flush, rx, thread_stats, thread_failed))
+            .spawn(move || run(flush, rx, thread_stats, thread_failed, thread_observer))
             .expect("spawning the queue commit thread");
         GroupCommit {
             tx: Some(tx),
@@ -82,7 +95,13 @@ impl GroupCommit {
             stats,
             timeout,
             failed,
+            observer,
         }
+    }
+
+    /// Sets the function told of every flush from now on.
+    pub(crate) fn observe(&self, observer: FlushObserver) {
+        *self.observer.write().expect("observer lock") = Some(observer);
     }
 
     pub(crate) fn is_failed(&self) -> bool {
@@ -168,6 +187,7 @@ fn run(
     rx: mpsc::Receiver<Waiter>,
     stats: std::sync::Arc<std::sync::Mutex<CommitStats>>,
     failed: Arc<AtomicBool>,
+    observer: Arc<RwLock<Option<FlushObserver>>>,
 ) {
     let mut batch: Vec<Waiter> = Vec::new();
     // Ends when every GroupCommit (and so every sender) is dropped.
@@ -176,6 +196,7 @@ fn run(
         batch.extend(rx.try_iter());
         let started = Instant::now();
         let result = flush().map_err(|e| QueueError::Flush(e.to_string()));
+        let took = started.elapsed();
         if let Err(e) = &result {
             failed.store(true, Ordering::Relaxed);
             tracing::error!(error = %e, "queue flush failed; the store is marked failed until mta is restarted");
@@ -184,7 +205,10 @@ fn run(
             let mut s = stats.lock().expect("stats lock");
             s.flushes += 1;
             s.waiters += batch.len() as u64;
-            s.flush_time += started.elapsed();
+            s.flush_time += took;
+        }
+        if let Some(observe) = observer.read().expect("observer lock").as_ref() {
+            observe(took, batch.len());
         }
         for waiter in batch.drain(..) {
             waiter.wake(result.clone());

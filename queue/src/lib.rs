@@ -66,12 +66,14 @@
 mod commit;
 mod content;
 mod error;
+mod gauges;
 mod id;
 mod record;
 mod store;
 
 pub use commit::CommitStats;
 pub use error::QueueError;
+pub use gauges::{QueueShape, StateTotals};
 pub use id::{ParseQueueIdError, QueueId};
 pub use record::{
     MessageRecord, MessageState, RecipientRecord, RecipientState, Submission, domain_of,

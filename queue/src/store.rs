@@ -24,6 +24,7 @@ use sled::transaction::{ConflictableTransactionError, TransactionError, Transact
 use crate::commit::{CommitStats, GroupCommit};
 use crate::content::{ContentLog, ContentRef};
 use crate::error::QueueError;
+use crate::gauges::{Contribution, Gauges, QueueShape};
 use crate::id::{IdGenerator, QueueId};
 use crate::record::{MessageRecord, MessageState, RecipientRecord, RecipientState, Submission};
 
@@ -255,6 +256,9 @@ struct Inner {
     ids: IdGenerator,
     claimed: Mutex<HashSet<QueueId>>,
     compact_below: f64,
+    /// The queue's shape, kept up to date by every write; `None` for a
+    /// store opened for inspection, which recovery did not count.
+    gauges: Option<Gauges>,
 }
 
 /// The durable queue. Cheap to clone; all clones share one store.
@@ -314,9 +318,9 @@ impl Queue {
         let db = open_db(config)?;
         let tree = db.open_tree("queue")?;
         let content = ContentLog::open(&content_path(&config.path), config.segment_bytes, true)?;
-        let report = recover(&tree, &content)?;
+        let (report, shape) = recover(&tree, &content)?;
         db.flush()?;
-        let queue = Self::from_parts(config, db, tree, content)?;
+        let queue = Self::from_parts(config, db, tree, content, Some(Gauges::starting_at(shape)))?;
         queue.sync()?;
         Ok((queue, report))
     }
@@ -328,7 +332,7 @@ impl Queue {
         let db = open_db(&config)?;
         let tree = db.open_tree("queue")?;
         let content = ContentLog::open(&content_path(path), config.segment_bytes, false)?;
-        Self::from_parts(&config, db, tree, content)
+        Self::from_parts(&config, db, tree, content, None)
     }
 
     fn from_parts(
@@ -336,6 +340,7 @@ impl Queue {
         db: sled::Db,
         tree: sled::Tree,
         content: ContentLog,
+        gauges: Option<Gauges>,
     ) -> Result<Queue, QueueError> {
         let last = tree
             .scan_prefix([MSG])
@@ -375,6 +380,7 @@ impl Queue {
                 ids: IdGenerator::starting_after(last),
                 claimed: Mutex::new(HashSet::new()),
                 compact_below: config.compact_below,
+                gauges,
             }),
         })
     }
@@ -399,7 +405,7 @@ impl Queue {
         let id = msg.id;
         let due = msg.received_ms;
         let content = self.inner.content.append(id, &msg.content)?;
-        let batch = Self::enqueue_batch(msg, content);
+        let (batch, added) = Self::enqueue_batch(msg, content);
         if let Err(e) = self.inner.tree.apply_batch(batch) {
             self.inner.content.release(&content);
             let e = QueueError::Store(e);
@@ -410,6 +416,7 @@ impl Queue {
             }
             return Err(e);
         }
+        self.gauges_changed(None, Some(added));
         if let Err(e) = self.inner.commit.durable().await {
             self.undo_enqueue(id);
             return Err(e);
@@ -421,7 +428,7 @@ impl Queue {
         })
     }
 
-    fn enqueue_batch(msg: NewMessage, content: ContentRef) -> sled::Batch {
+    fn enqueue_batch(msg: NewMessage, content: ContentRef) -> (sled::Batch, Contribution) {
         let due = msg.received_ms;
         let mut seen = HashSet::new();
         let recipients = msg
@@ -446,7 +453,7 @@ impl Queue {
         // No schedule key yet: the message becomes due only once it is
         // durable and the caller let go of its `Enqueued` (see there).
         batch.insert(&key(MSG, msg.id), record.encode());
-        batch
+        (batch, Contribution::of(&record))
     }
 
     fn undo_enqueue(&self, id: QueueId) {
@@ -465,6 +472,7 @@ impl Queue {
         if self.inner.tree.apply_batch(batch).is_ok()
             && let Some(rec) = rec
         {
+            self.gauges_changed(Some(Contribution::of(&rec)), None);
             self.inner.content.release(&rec.content);
         }
     }
@@ -648,6 +656,7 @@ impl Queue {
             Ok(Some(rec))
         })?;
         let rec = removed.ok_or(QueueError::NotFound(id))?;
+        self.gauges_changed(Some(Contribution::of(&rec)), None);
         self.inner.commit.durable().await?;
         // Only once the removal is durable may the content go.
         self.inner.content.release(&rec.content);
@@ -694,19 +703,22 @@ impl Queue {
                 .lock()
                 .expect("claims lock")
                 .contains(&id);
-        self.transact(|tx| {
+        // The shape before and after comes out of the run that committed
+        // (sled may run the closure more than once).
+        let (after, released, shape_before, shape_after) = self.transact(|tx| {
             let Some(bytes) = tx.get(key(MSG, id))? else {
-                return Ok((AfterOutcome::Gone, None));
+                return Ok((AfterOutcome::Gone, None, None, None));
             };
             let mut rec =
                 MessageRecord::decode(id, &bytes).map_err(ConflictableTransactionError::Abort)?;
+            let before = Some(Contribution::of(&rec));
             (f.borrow_mut())(&mut rec);
             if let Some(s) = rec.scheduled_ms.take() {
                 tx.remove(&sched_key(s, id))?;
             }
             if rec.is_complete() {
                 tx.remove(&key(MSG, id))?;
-                return Ok((AfterOutcome::Complete, Some(rec.content)));
+                return Ok((AfterOutcome::Complete, Some(rec.content), before, None));
             }
             let next = rec.next_due_ms();
             if !rec.held
@@ -719,8 +731,22 @@ impl Queue {
                 }
             }
             tx.insert(&key(MSG, id), rec.encode())?;
-            Ok((AfterOutcome::Pending { next_due_ms: next }, None))
-        })
+            let now = Some(Contribution::of(&rec));
+            Ok((
+                AfterOutcome::Pending { next_due_ms: next },
+                None,
+                before,
+                now,
+            ))
+        })?;
+        self.gauges_changed(shape_before, shape_after);
+        Ok((after, released))
+    }
+
+    fn gauges_changed(&self, before: Option<Contribution>, after: Option<Contribution>) {
+        if let Some(g) = &self.inner.gauges {
+            g.changed(before, after);
+        }
     }
 
     fn transact<T>(
@@ -829,6 +855,22 @@ impl Queue {
     /// until the process restarts.
     pub fn is_failed(&self) -> bool {
         self.inner.commit.is_failed()
+    }
+
+    /// Messages, pending recipients and bytes by state, maintained as
+    /// records change (no scan). `None` for a store opened for inspection.
+    pub fn shape(&self) -> Option<QueueShape> {
+        self.inner.gauges.as_ref().map(Gauges::snapshot)
+    }
+
+    /// Calls `observer` after every group commit with the time the flush
+    /// took and the number of writers it made durable. Replaces any earlier
+    /// observer. It runs on the commit thread: it must be quick.
+    pub fn observe_flushes(
+        &self,
+        observer: impl Fn(std::time::Duration, usize) + Send + Sync + 'static,
+    ) {
+        self.inner.commit.observe(Arc::new(observer));
     }
 
     /// Flush statistics since the store was opened.
@@ -1203,8 +1245,12 @@ impl Drop for Claim {
     }
 }
 
-fn recover(tree: &sled::Tree, content: &ContentLog) -> Result<RecoveryReport, QueueError> {
+fn recover(
+    tree: &sled::Tree,
+    content: &ContentLog,
+) -> Result<(RecoveryReport, QueueShape), QueueError> {
     let mut report = RecoveryReport::default();
+    let mut shape = QueueShape::default();
     let mut batch = sled::Batch::default();
     for k in tree.scan_prefix([SCHED]).keys() {
         batch.remove(k?);
@@ -1220,6 +1266,7 @@ fn recover(tree: &sled::Tree, content: &ContentLog) -> Result<RecoveryReport, Qu
                 continue;
             }
         };
+        shape.add(Contribution::of(&rec));
         if let Err(reason) = content.adopt(&rec.content) {
             // Never delivered, never dropped silently: left for a postmaster.
             tracing::error!(queue_id = %id, %reason, "queue record without its content left in place");
@@ -1244,7 +1291,7 @@ fn recover(tree: &sled::Tree, content: &ContentLog) -> Result<RecoveryReport, Qu
     }
     tree.apply_batch(batch)?;
     report.orphans_removed = content.remove_unreferenced();
-    Ok(report)
+    Ok((report, shape))
 }
 
 #[cfg(test)]

@@ -711,8 +711,10 @@ fn a_slow_destination_does_not_hold_up_the_others() {
     first(&server, &slow, "Delivery", "a@slow.test");
     // And the metrics count what happened.
     let text = server.scrape();
-    let delivered =
-        spec_tests::server::metric(&text, "mta_delivery_attempts_total{outcome=\"delivered\"}");
+    let delivered = spec_tests::server::metric(
+        &text,
+        "mta_delivery_attempts_total{destination=\"other\",outcome=\"delivered\",tenant=\"-\"}",
+    );
     assert_eq!(delivered, Some(6.0), "{text}");
     let plain = spec_tests::server::metric(
         &text,

@@ -85,6 +85,14 @@ impl Delivery {
                 dsn_queue_id.clone(),
             );
             a.scope = Some("admin".into());
+            self.metrics.settled(
+                Kind::Bounce.outcome(),
+                removed.tenant.as_deref(),
+                &r.domain,
+                std::time::Duration::from_millis(
+                    crate::clock::millis(now).saturating_sub(removed.received_ms),
+                ),
+            );
             self.log.write(Kind::Bounce.record(a));
         }
         tracing::info!(queue_id = %id, recipients = still.len(), dsn = ?dsn_queue_id, "bounced by the postmaster");

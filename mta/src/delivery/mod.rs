@@ -496,10 +496,12 @@ impl Delivery {
             attempt,
         } in logged
         {
-            self.metrics
-                .delivery_attempts
-                .with_label_values(&[kind.outcome()])
-                .inc();
+            self.metrics.settled(
+                kind.outcome(),
+                rec.tenant.as_deref(),
+                &rec.recipients[i].domain,
+                Duration::from_millis(now_ms.saturating_sub(rec.received_ms)),
+            );
             let dsn = matches!(kind, Kind::Bounce | Kind::Expiration)
                 .then(|| dsn_id.clone())
                 .flatten();
@@ -683,7 +685,13 @@ impl Delivery {
         let mut conn: Option<(Connection, OwnedSemaphorePermit)> = None;
         let d = &self.settings.delivery;
         while let Some(job) = dest.next(d.idle_timeout).await {
+            let connection = if conn.is_some() { "reused" } else { "new" };
+            let started = Instant::now();
             let result = self.run_job(&dest, &mut conn, &job).await;
+            self.metrics
+                .delivery_attempt_seconds
+                .with_label_values(&[connection])
+                .observe(started.elapsed().as_secs_f64());
             if conn.is_none() && result.conn.is_none() {
                 // No connection could be opened: the jobs waiting behind
                 // this one would fail the same way, after as long a wait.

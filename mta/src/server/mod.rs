@@ -28,7 +28,7 @@ type Stream = crate::stream::Stream<tokio_rustls::server::TlsStream<TcpStream>>;
 use crate::auth::{AuthThrottle, Users};
 use crate::clock::{Clock, millis};
 use crate::log::{self, Record, SessionInfo, TransactionLog};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, RejectReason, reasons};
 use crate::policy::canonical_ip;
 use crate::reception;
 use crate::sign::{Signed, Signer};
@@ -143,6 +143,7 @@ impl Receiver {
                     sender,
                     recipient,
                 } => {
+                    self.metrics.rejected(reasons::classify(command, &reply));
                     let mut rec = self.reject(info, command, &reply);
                     if let Record::Rejection(r) = &mut rec {
                         r.sender = sender;
@@ -155,14 +156,17 @@ impl Receiver {
                     user,
                     reason,
                     reply,
-                } => Record::AuthFailure(log::AuthFailure {
-                    timestamp: timestamp(self.clock.as_ref()),
-                    session: info,
-                    mechanism: mechanism.to_string(),
-                    user,
-                    reason: reason.to_string(),
-                    reply: (&reply).into(),
-                }),
+                } => {
+                    self.metrics.auth_failed(reason);
+                    Record::AuthFailure(log::AuthFailure {
+                        timestamp: timestamp(self.clock.as_ref()),
+                        session: info,
+                        mechanism: mechanism.to_string(),
+                        user,
+                        reason: reason.to_string(),
+                        reply: (&reply).into(),
+                    })
+                }
             };
             self.log.write(record);
         }
@@ -296,7 +300,8 @@ impl Receiver {
         let now = self.clock.now();
         let id = self.queue.next_id(millis(now));
         let id_text = id.to_string();
-        let refuse = |reply: Reply, env: &Envelope| {
+        let refuse = |reply: Reply, env: &Envelope, reason: RejectReason| {
+            self.metrics.rejected(reason);
             self.log.write(Record::Rejection(log::Rejection {
                 timestamp: timestamp(self.clock.as_ref()),
                 session: info.clone(),
@@ -317,7 +322,16 @@ impl Receiver {
             rand::random(),
         ) {
             Ok(p) => p,
-            Err(reply) => return Err(refuse(reply, &env)),
+            Err(reply) => {
+                // The From: domain outside the tenant's is a policy refusal;
+                // the others are about malformed header fields.
+                let reason = if reply.status == Some(Status(5, 7, 1)) {
+                    RejectReason::SenderNotAllowed
+                } else {
+                    RejectReason::Content
+                };
+                return Err(refuse(reply, &env, reason));
+            }
         };
         // Sign once, before storing: every retry sends the same signature.
         let reception::Prepared {
@@ -332,7 +346,16 @@ impl Receiver {
             .await
         {
             Ok(s) => s,
-            Err(reply) => return Err(refuse(reply, &env)),
+            Err(reply) => {
+                // Permanent: unsigned mail refused by policy; temporary: the
+                // signing itself failed.
+                let reason = if reply.is_transient() {
+                    RejectReason::Internal
+                } else {
+                    RejectReason::Unsigned
+                };
+                return Err(refuse(reply, &env, reason));
+            }
         };
         let content = Arc::try_unwrap(content).unwrap_or_else(|shared| (*shared).clone());
         let (content, dkim, dkim_unsigned) = match signed {
@@ -370,6 +393,7 @@ impl Receiver {
                     ),
                 ),
                 &env,
+                RejectReason::Dmarc,
             ));
         }
         let dmarc = dmarc.map(|(_, note)| note);
@@ -377,7 +401,11 @@ impl Receiver {
         // The store writes the message and its record; twice the size keeps
         // the estimate on the safe side.
         if !self.storage.check(size.saturating_mul(2)) {
-            return Err(refuse(replies::insufficient_storage(), &env));
+            return Err(refuse(
+                replies::insufficient_storage(),
+                &env,
+                RejectReason::Storage,
+            ));
         }
         let message = NewMessage {
             id,
@@ -403,13 +431,15 @@ impl Receiver {
             Ok(stored) => stored,
             Err(e) => {
                 tracing::error!(error = %e, "could not store a message; answered 451");
-                return Err(refuse(replies::storage_failure(), &env));
+                return Err(refuse(
+                    replies::storage_failure(),
+                    &env,
+                    RejectReason::Storage,
+                ));
             }
         };
         self.metrics
-            .messages_received
-            .with_label_values(&[env.tenant.as_deref().unwrap_or("-")])
-            .inc();
+            .received(env.tenant.as_deref(), &env.recipients);
         let mut info = info;
         info.tenant = env.tenant.clone();
         // Written before the 250: a crash after the reply cannot lose it.
@@ -463,16 +493,21 @@ pub async fn accept_loop(
         // The settings of this connection, from accept to close.
         let live = rx.live();
         let refusal = if !live.session.policy.is_allowed(ip) {
-            Err(Reply::new(
-                554,
-                Status(5, 7, 1),
-                format!(
-                    "{} Access denied: your address is not allowed to connect",
-                    live.session.hostname
+            Err((
+                RejectReason::NetworkNotAllowed,
+                Reply::new(
+                    554,
+                    Status(5, 7, 1),
+                    format!(
+                        "{} Access denied: your address is not allowed to connect",
+                        live.session.hostname
+                    ),
                 ),
             ))
         } else {
-            rx.limits.acquire(ip)
+            rx.limits
+                .acquire(ip)
+                .map_err(|r| (RejectReason::ConnectionLimit, r))
         };
         match refusal {
             Ok(slot) => {
@@ -485,7 +520,8 @@ pub async fn accept_loop(
                     drop(slot);
                 });
             }
-            Err(reply) => {
+            Err((reason, reply)) => {
+                rx.metrics.rejected(reason);
                 rx.log
                     .write(rx.reject(rx.info(peer, None), "CONNECT", &reply));
                 tokio::spawn(async move { refuse_connection(socket, reply, implicit_tls).await });
