@@ -252,6 +252,15 @@ pub enum QueueCommand {
     Retry(ChangeArgs),
     /// Remove a message from the queue, without a DSN (running daemon).
     Delete(ChangeArgs),
+    /// Write a new random queue encryption key to FILE (mode 0600).
+    GenerateKey(crate::queue_key_cli::GenerateKeyArgs),
+    /// Make the key in FILE current in the queue's key file, keeping the
+    /// old keys so older records still open; takes effect at the daemon's
+    /// next restart.
+    RotateKey(crate::queue_key_cli::RotateKeyArgs),
+    /// Seal every queued record again under the current key and drop old
+    /// keys nothing uses any more. Only while the daemon is stopped.
+    Rekey(crate::queue_key_cli::RekeyArgs),
 }
 
 /// A change to one message, through the running daemon.
@@ -467,7 +476,8 @@ fn open_store(store: &StoreArgs) -> anyhow::Result<Queue> {
             path.display()
         );
     }
-    Queue::open_for_inspection(&path).map_err(|e| match e {
+    let config = crate::queue_key_cli::store_config(&store.daemon)?;
+    Queue::open_for_inspection_with(&config).map_err(|e| match e {
         queue::QueueError::Locked { .. } => anyhow::anyhow!(
             "the queue at {} is open by a running daemon: stop it first (`systemctl stop mta`), since --offline reads the store directly",
             path.display()
@@ -759,6 +769,9 @@ fn queue_command(cmd: QueueCommand) -> anyhow::Result<ExitCode> {
         QueueCommand::Release(args) => change(&mut stdout, args, Action::Release)?,
         QueueCommand::Retry(args) => change(&mut stdout, args, Action::Retry)?,
         QueueCommand::Delete(args) => change(&mut stdout, args, Action::Delete)?,
+        QueueCommand::GenerateKey(args) => return crate::queue_key_cli::generate(args),
+        QueueCommand::RotateKey(args) => return crate::queue_key_cli::rotate(args),
+        QueueCommand::Rekey(args) => return crate::queue_key_cli::rekey(args),
     }
     Ok(ExitCode::SUCCESS)
 }
