@@ -14,7 +14,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use queue::{Queue, QueueId, SummaryBy};
 
-use crate::admin::api::{Action, ListQuery, MessageView, Route, SummaryView};
+use crate::admin::api::{Action, ListQuery, MessageView, QuarantineView, Route, SummaryView};
 use crate::admin::{AdminClient, ClientError};
 
 use crate::clock::{Clock, SystemClock};
@@ -719,17 +719,27 @@ fn queue_command(cmd: QueueCommand) -> anyhow::Result<ExitCode> {
                     format!("--older-than '{a}' is not a duration: write it like 30m, 1h or 2d")
                 })?;
             }
-            let views: Vec<MessageView> = if store.offline {
+            let (views, quarantined): (Vec<MessageView>, Vec<QuarantineView>) = if store.offline {
                 let filter = query.filter(now_ms()).map_err(|e| anyhow::anyhow!(e))?;
                 let q = open_store(&store)?;
-                q.list(&filter)?
+                let views = q
+                    .list(&filter)?
                     .iter()
                     .map(MessageView::from_record)
-                    .collect()
+                    .collect();
+                (
+                    views,
+                    q.quarantined()?.iter().map(QuarantineView::from).collect(),
+                )
             } else {
-                call(&admin_client(&store.daemon)?, &Route::List(query), None)?
+                let client = admin_client(&store.daemon)?;
+                let views = call(&client, &Route::List(query), None)?;
+                (views, call(&client, &Route::Quarantine, None)?)
             };
             render_list(&mut stdout, &views, json)?;
+            if !json {
+                crate::queue_key_cli::render_quarantine(&mut stdout, &quarantined)?;
+            }
         }
         QueueCommand::Show {
             store,

@@ -156,3 +156,28 @@ pub fn rekey(args: RekeyArgs) -> anyhow::Result<ExitCode> {
     );
     Ok(ExitCode::SUCCESS)
 }
+
+/// The footer of `mta queue list`: records in quarantine, if any.
+pub fn render_quarantine(
+    out: &mut impl std::io::Write,
+    list: &[crate::admin::api::QuarantineView],
+) -> anyhow::Result<()> {
+    if list.is_empty() {
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "\n{} message(s) in quarantine: not delivered, kept for you to inspect",
+        list.len()
+    )?;
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|q| vec![q.id.clone(), q.kind.clone(), q.reason.clone()])
+        .collect();
+    write!(
+        out,
+        "{}",
+        crate::cli::table(&["ID", "KIND", "REASON"], &rows)
+    )?;
+    Ok(())
+}

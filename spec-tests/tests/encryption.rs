@@ -287,3 +287,51 @@ fn a_rotated_key_seals_new_messages_and_rekey_retires_the_old_one() {
     assert_eq!(code, 0, "{err}");
     assert!(out.contains(SUBJECT), "{out}");
 }
+
+#[test]
+fn altered_content_is_quarantined_and_listed_never_delivered() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = d_data(dir.path());
+    let d = DaemonProcess::start(dir.path(), "");
+    let id = submit(&d);
+    assert!(d.terminate().success());
+    // The one message's content is the last entry of the only non-empty
+    // segment; flip a byte of its tag.
+    let seg = files_under(&data.join("queue/content"))
+        .into_iter()
+        .find(|f| std::fs::metadata(f).unwrap().len() > 0)
+        .expect("a segment with the message");
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x01;
+    std::fs::write(&seg, bytes).unwrap();
+
+    let d = DaemonProcess::start(dir.path(), "");
+    let (code, _, err) = run_cli(&["queue", "show", &id, "--data-dir", dd(&data)], None);
+    assert_eq!(code, 1);
+    assert!(err.contains("quarantined") && err.contains(&id), "{err}");
+    let (code, out, err) = run_cli(&["queue", "list", "--data-dir", dd(&data)], None);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("0 message(s)\n"),
+        "not in the live queue: {out}"
+    );
+    assert!(
+        out.contains("1 message(s) in quarantine") && out.contains(&id),
+        "{out}"
+    );
+    assert!(d.terminate().success());
+
+    // Still there, still not delivered, after a restart.
+    let d = DaemonProcess::start(dir.path(), "");
+    let stderr_path = d.stderr_path.clone();
+    assert!(d.terminate().success());
+    let stderr = std::fs::read_to_string(stderr_path).unwrap();
+    assert!(stderr.contains("message in quarantine"), "{stderr}");
+    let (code, out, err) = run_cli(
+        &["queue", "list", "--offline", "--data-dir", dd(&data)],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(&id) && out.contains("content"), "{out}");
+}

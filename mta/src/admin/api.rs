@@ -30,6 +30,26 @@ pub struct MessageView {
     pub message: Option<String>,
 }
 
+/// A record in quarantine (failed authentication, or its key is missing).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuarantineView {
+    pub id: String,
+    /// `unknown-key`, `failed-authentication`, `unencrypted` or
+    /// `content-failed-authentication`.
+    pub kind: String,
+    pub reason: String,
+}
+
+impl From<&queue::Quarantined> for QuarantineView {
+    fn from(q: &queue::Quarantined) -> Self {
+        QuarantineView {
+            id: q.id.to_string(),
+            kind: q.kind.as_str().to_string(),
+            reason: q.reason.clone(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RecipientView {
     pub address: String,
@@ -250,9 +270,17 @@ impl Action {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
     List(ListQuery),
-    Show { id: QueueId, body: bool },
+    /// `GET /v1/quarantine`: records that will not be delivered.
+    Quarantine,
+    Show {
+        id: QueueId,
+        body: bool,
+    },
     Summary(SummaryBy),
-    Change { id: QueueId, action: Action },
+    Change {
+        id: QueueId,
+        action: Action,
+    },
 }
 
 /// Why a request was not understood: the status to answer and what to say.
@@ -273,7 +301,7 @@ fn not_found(method: &str, path: &str) -> BadRequest {
     BadRequest {
         status: 404,
         message: format!(
-            "no such endpoint: {method} {path} (see /v1/messages, /v1/messages/{{id}}, /v1/summary)"
+            "no such endpoint: {method} {path} (see /v1/messages, /v1/messages/{{id}}, /v1/summary, /v1/quarantine)"
         ),
     }
 }
@@ -353,6 +381,10 @@ impl Route {
                 }
                 Ok(Route::Show { id, body })
             }
+            ("GET", ["quarantine"]) => {
+                query_pairs(query, &[])?;
+                Ok(Route::Quarantine)
+            }
             ("GET", ["summary"]) => {
                 let mut by = SummaryBy::Domain;
                 for (_, v) in query_pairs(query, &["by"])? {
@@ -384,12 +416,13 @@ impl Route {
                     action: Action::Delete,
                 })
             }
-            (_, ["messages"] | ["messages", _] | ["summary"] | ["messages", _, _]) => {
-                Err(BadRequest {
-                    status: 405,
-                    message: format!("{method} is not allowed on {path}"),
-                })
-            }
+            (
+                _,
+                ["messages"] | ["messages", _] | ["summary"] | ["quarantine"] | ["messages", _, _],
+            ) => Err(BadRequest {
+                status: 405,
+                message: format!("{method} is not allowed on {path}"),
+            }),
             _ => Err(not_found(method, path)),
         }
     }
@@ -398,6 +431,7 @@ impl Route {
     pub fn to_request(&self) -> (&'static str, String) {
         match self {
             Route::List(q) => ("GET", format!("/v1/messages{}", q.to_query())),
+            Route::Quarantine => ("GET", "/v1/quarantine".to_string()),
             Route::Show { id, body } => (
                 "GET",
                 format!("/v1/messages/{id}{}", if *body { "?body=true" } else { "" }),
@@ -443,6 +477,7 @@ mod tests {
             Route::Show { id, body: true },
             Route::Show { id, body: false },
             Route::Summary(SummaryBy::Tenant),
+            Route::Quarantine,
             Route::Change {
                 id,
                 action: Action::Hold,

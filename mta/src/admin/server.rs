@@ -203,6 +203,13 @@ async fn handle(state: &State, route: Route, who: &Peer) -> (u16, Vec<u8>) {
                 Err(e) => queue_error(&e),
             }
         }
+        Route::Quarantine => match blocking(move || q.quarantined()).await {
+            Ok(list) => ok(&list
+                .iter()
+                .map(crate::admin::api::QuarantineView::from)
+                .collect::<Vec<_>>()),
+            Err(e) => queue_error(&e),
+        },
         Route::Summary(by) => {
             let now = state.clock.now_ms();
             match blocking(move || q.summary(now, by)).await {
