@@ -139,8 +139,12 @@ impl Key {
 
 impl Drop for Key {
     fn drop(&mut self) {
-        // Best effort: the aws-lc-rs context cleans its own copy.
-        self.bytes.iter_mut().for_each(|b| *b = 0);
+        // The aws-lc-rs context cleans its own copy; volatile so that the
+        // compiler keeps these writes to memory about to be freed.
+        for b in self.bytes.iter_mut() {
+            // SAFETY: `b` is a valid, aligned, exclusive reference.
+            unsafe { std::ptr::write_volatile(b, 0) };
+        }
     }
 }
 
