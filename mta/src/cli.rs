@@ -14,7 +14,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use queue::{Queue, QueueId, SummaryBy};
 
 use crate::admin::api::{
-    Action, BulkView, ListQuery, MessageView, ResumeView, Route, SummaryView, SuspensionView,
+    Action, BulkView, ListQuery, MessageView, QuarantineView, ResumeView, Route, SummaryView,
+    SuspensionView,
 };
 use crate::admin::{AdminClient, ClientError};
 
@@ -287,6 +288,15 @@ pub enum QueueCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Write a new random queue encryption key to FILE (mode 0600).
+    GenerateKey(crate::queue_key_cli::GenerateKeyArgs),
+    /// Make the key in FILE current in the queue's key file, keeping the
+    /// old keys so older records still open; takes effect at the daemon's
+    /// next restart.
+    RotateKey(crate::queue_key_cli::RotateKeyArgs),
+    /// Seal every queued record again under the current key and drop old
+    /// keys nothing uses any more. Only while the daemon is stopped.
+    Rekey(crate::queue_key_cli::RekeyArgs),
 }
 
 /// Which messages: the filters of `list`, and of the changes by filter.
@@ -562,7 +572,8 @@ fn open_store(store: &StoreArgs) -> anyhow::Result<Queue> {
             path.display()
         );
     }
-    Queue::open_for_inspection(&path).map_err(|e| match e {
+    let config = crate::queue_key_cli::store_config(&store.daemon)?;
+    Queue::open_for_inspection_with(&config).map_err(|e| match e {
         queue::QueueError::Locked { .. } => anyhow::anyhow!(
             "the queue at {} is open by a running daemon: stop it first (`systemctl stop mta`), since --offline reads the store directly",
             path.display()
@@ -814,17 +825,27 @@ fn queue_command(cmd: QueueCommand) -> anyhow::Result<ExitCode> {
             json,
         } => {
             let query = filters.query()?;
-            let views: Vec<MessageView> = if store.offline {
+            let (views, quarantined): (Vec<MessageView>, Vec<QuarantineView>) = if store.offline {
                 let filter = query.filter(now_ms()).map_err(|e| anyhow::anyhow!(e))?;
                 let q = open_store(&store)?;
-                q.list(&filter)?
+                let views = q
+                    .list(&filter)?
                     .iter()
                     .map(MessageView::from_record)
-                    .collect()
+                    .collect();
+                (
+                    views,
+                    q.quarantined()?.iter().map(QuarantineView::from).collect(),
+                )
             } else {
-                call(&admin_client(&store.daemon)?, &Route::List(query), None)?
+                let client = admin_client(&store.daemon)?;
+                let views = call(&client, &Route::List(query), None)?;
+                (views, call(&client, &Route::Quarantine, None)?)
             };
             render_list(&mut stdout, &views, json)?;
+            if !json {
+                crate::queue_key_cli::render_quarantine(&mut stdout, &quarantined)?;
+            }
         }
         QueueCommand::Show {
             store,
@@ -935,6 +956,9 @@ fn queue_command(cmd: QueueCommand) -> anyhow::Result<ExitCode> {
                 )?;
             }
         }
+        QueueCommand::GenerateKey(args) => return crate::queue_key_cli::generate(args),
+        QueueCommand::RotateKey(args) => return crate::queue_key_cli::rotate(args),
+        QueueCommand::Rekey(args) => return crate::queue_key_cli::rekey(args),
     }
     Ok(ExitCode::SUCCESS)
 }

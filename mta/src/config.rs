@@ -549,8 +549,17 @@ impl MetricsConfig {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct QueueConfig {
-    /// Key for encryption at rest (used from the data-protection issue on).
-    pub encryption_key_file: Option<PathBuf>,
+    /// Encrypt queued envelopes and message content at rest (AES-256-GCM-SIV).
+    /// Default true. Turning it off is refused while encrypted messages are
+    /// queued.
+    pub encrypt: bool,
+    /// The queue's key file (one key per line as 64 hex characters, the
+    /// first current; mode 0600). Default: when the daemon runs under
+    /// systemd with `LoadCredential=mta-queue-key:...`, that credential;
+    /// otherwise `<data_dir>-queue.key` beside (not inside) the data
+    /// directory, generated on first start. The CLI (`mta queue rotate-key`,
+    /// `rekey`, `--offline`) reads this file, never the credential.
+    pub encryption_key_file: Option<Spanned<PathBuf>>,
     /// Memory for the store's page cache, in MiB. Default 64.
     pub cache_mb: u64,
     /// Free space (MiB) kept in reserve on the queue's filesystem: below it,
@@ -566,6 +575,7 @@ pub struct QueueConfig {
 impl Default for QueueConfig {
     fn default() -> Self {
         QueueConfig {
+            encrypt: true,
             encryption_key_file: None,
             cache_mb: 64,
             min_free_mb: 100,
@@ -758,6 +768,14 @@ impl Config {
             }
         }
         self.metrics.check()?;
+        if !self.queue.encrypt
+            && let Some(k) = &self.queue.encryption_key_file
+        {
+            return Err((
+                Some(k.span()),
+                "[queue] encryption_key_file is set but encrypt = false: remove one of them".into(),
+            ));
+        }
         if self.spf.check_interval < Duration::from_secs(1) {
             return Err((None, "[spf] check_interval must be at least \"1s\"".into()));
         }
@@ -864,6 +882,16 @@ mod tests {
         assert_eq!(c.metrics.listen, "127.0.0.1:9465".parse().unwrap());
         assert_eq!(c.spf.policy, SpfPolicy::Warn);
         assert_eq!(c.delivery.port, 25);
+        assert!(c.queue.encrypt, "encryption at rest is on by default");
+        assert!(c.queue.encryption_key_file.is_none());
+    }
+
+    #[test]
+    fn a_key_file_without_encryption_is_refused_at_its_line() {
+        let err = parse("[queue]\nencrypt = false\nencryption_key_file = \"/k\"\n").unwrap_err();
+        assert_eq!(err.at.map(|a| a.0), Some(3), "{err}");
+        assert!(err.message.contains("remove one"), "{err}");
+        assert!(!parse("[queue]\nencrypt = false\n").unwrap().queue.encrypt);
     }
 
     /// The example of DESIGN.md, which must be accepted and mean what it says.

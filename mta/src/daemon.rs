@@ -43,6 +43,8 @@ pub enum StartError {
     },
     #[error("cannot open the queue: {0}")]
     Queue(#[from] QueueError),
+    #[error("cannot open the queue: {0}")]
+    QueueKey(#[from] crate::queue_keys::QueueKeyError),
     #[error(transparent)]
     Log(#[from] LogError),
     #[error(transparent)]
@@ -317,6 +319,34 @@ fn spf_checker(
     }))
 }
 
+/// Opens the queue with its key (generating the default key on first
+/// start); a key generated for a queue that turns out to be encrypted
+/// already is removed again and the lost key reported.
+async fn open_queue(config: &Config) -> Result<(Queue, RecoveryReport), StartError> {
+    let (keys, generated) = crate::queue_keys::for_daemon(config)?;
+    let mut qc = QueueConfig::new(queue_path(&config.data_dir));
+    qc.cache_capacity = config.queue.cache_mb * 1024 * 1024;
+    qc.commit_timeout = config.queue.commit_timeout;
+    qc.keys = keys.clone();
+    let opened = tokio::task::spawn_blocking(move || Queue::open(&qc))
+        .await
+        .expect("queue open does not panic");
+    match (opened, keys) {
+        (
+            Err(QueueError::WrongKey {
+                store, key_file, ..
+            }),
+            Some(_),
+        ) if generated => {
+            if let Err(e) = std::fs::remove_file(&key_file) {
+                tracing::warn!(key_file = %key_file.display(), error = %e, "cannot remove the key generated for an encrypted queue");
+            }
+            Err(crate::queue_keys::QueueKeyError::DefaultKeyLost { store, key_file }.into())
+        }
+        (opened, _) => Ok(opened?),
+    }
+}
+
 impl Daemon {
     /// Starts everything. The data directory comes from `config.data_dir`.
     pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> Result<Daemon, StartError> {
@@ -327,18 +357,17 @@ impl Daemon {
             source,
         })?;
 
-        let mut qc = QueueConfig::new(queue_path(&data_dir));
-        qc.cache_capacity = config.queue.cache_mb * 1024 * 1024;
-        qc.commit_timeout = config.queue.commit_timeout;
-        let (queue, recovery) = tokio::task::spawn_blocking(move || Queue::open(&qc))
-            .await
-            .expect("queue open does not panic")?;
+        let (queue, recovery) = open_queue(config).await?;
         tracing::info!(
             messages = recovery.messages,
             recipients = recovery.pending_recipients,
             corrupt = recovery.corrupt.len(),
+            quarantined = recovery.quarantined.len(),
             "queue recovered"
         );
+        for (id, reason) in &recovery.quarantined {
+            tracing::error!(queue_id = %id, %reason, "message in quarantine: it is not delivered (mta queue list)");
+        }
         let (log, log_guard) = TransactionLog::open_with(
             &log_path(&data_dir),
             config.log.max_file_mb.saturating_mul(1024 * 1024),

@@ -51,6 +51,8 @@ pub mod log;
 pub mod metrics;
 pub mod notify;
 pub mod policy;
+pub mod queue_key_cli;
+pub mod queue_keys;
 pub mod reception;
 pub mod reload;
 pub mod server;

@@ -11,8 +11,10 @@
 //! see `Queue::compact`), so that a few long-deferred messages do not keep
 //! whole segments on disk.
 //!
-//! Entry layout: `MTAC` magic, queue ID (8 bytes, BE), length (4, BE),
-//! CRC-32 of the content (4, BE), then the content. The header lets a
+//! Entry layout: magic (`MTAC` for content in clear, `MTAE` for content
+//! sealed by `codec.rs`), queue ID (8 bytes, BE), length (4, BE), CRC-32 of
+//! the stored bytes (4, BE), then the stored bytes. The log itself never
+//! sees a key: compaction copies sealed bytes as they are. The header lets a
 //! damaged segment be salvaged by scanning; the queue itself reads entries
 //! through the [`ContentRef`] kept in each message record.
 
@@ -28,6 +30,7 @@ use crate::error::QueueError;
 use crate::id::QueueId;
 
 const MAGIC: &[u8; 4] = b"MTAC";
+const MAGIC_SEALED: &[u8; 4] = b"MTAE";
 const HEADER: u64 = 20;
 
 /// Where a message's content is.
@@ -162,8 +165,20 @@ impl ContentLog {
         Ok(Arc::new(file))
     }
 
-    /// Writes one message's content. Not durable until the next [`sync`](Self::sync).
+    /// Writes one message's content in clear (tests).
+    #[cfg(test)]
     pub(crate) fn append(&self, id: QueueId, content: &[u8]) -> Result<ContentRef, QueueError> {
+        self.append_entry(id, false, content)
+    }
+
+    /// Writes one entry, `sealed` or in clear. Not durable until the next
+    /// [`sync`](Self::sync).
+    pub(crate) fn append_entry(
+        &self,
+        id: QueueId,
+        sealed: bool,
+        content: &[u8],
+    ) -> Result<ContentRef, QueueError> {
         let len = u32::try_from(content.len()).map_err(|_| {
             QueueError::Store(sled::Error::Unsupported("content over 4 GiB".into()))
         })?;
@@ -200,7 +215,7 @@ impl ContentLog {
         }
         let (segment, offset) = (r.segment, r.offset);
         let mut header = [0u8; HEADER as usize];
-        header[..4].copy_from_slice(MAGIC);
+        header[..4].copy_from_slice(if sealed { MAGIC_SEALED } else { MAGIC });
         header[4..12].copy_from_slice(&id.as_u64().to_be_bytes());
         header[12..16].copy_from_slice(&len.to_be_bytes());
         header[16..20].copy_from_slice(&crc.to_be_bytes());
@@ -261,8 +276,25 @@ impl ContentLog {
             .ok_or_else(|| format!("content segment {segment:08x} is missing"))
     }
 
-    /// Reads an entry back, checking its header and CRC.
+    /// Reads an entry in clear back (tests).
+    #[cfg(test)]
     pub(crate) fn read(&self, id: QueueId, r: &ContentRef) -> Result<Vec<u8>, QueueError> {
+        match self.read_entry(id, r)? {
+            (false, content) => Ok(content),
+            (true, _) => Err(QueueError::Corrupt {
+                id,
+                reason: "sealed".into(),
+            }),
+        }
+    }
+
+    /// Reads an entry back, checking its header and CRC. Returns whether
+    /// it is sealed, and its bytes.
+    pub(crate) fn read_entry(
+        &self,
+        id: QueueId,
+        r: &ContentRef,
+    ) -> Result<(bool, Vec<u8>), QueueError> {
         let corrupt = |reason: String| QueueError::Corrupt { id, reason };
         let file = self.file(r.segment).map_err(corrupt)?;
         let mut buf = vec![0u8; r.span() as usize];
@@ -275,7 +307,8 @@ impl ContentLog {
             ))
         })?;
         let content = buf.split_off(HEADER as usize);
-        if &buf[..4] != MAGIC || buf[4..12] != id.as_u64().to_be_bytes() {
+        let sealed = &buf[..4] == MAGIC_SEALED;
+        if (!sealed && &buf[..4] != MAGIC) || buf[4..12] != id.as_u64().to_be_bytes() {
             return Err(corrupt(
                 "content entry header does not match the record".into(),
             ));
@@ -283,7 +316,7 @@ impl ContentLog {
         if crc32fast::hash(&content) != r.crc {
             return Err(corrupt("content CRC mismatch".into()));
         }
-        Ok(content)
+        Ok((sealed, content))
     }
 
     /// The content is no longer needed (no durable record points to it any

@@ -43,4 +43,40 @@ pub enum QueueError {
     /// A stored record could not be decoded.
     #[error("queue record {id} is corrupt: {reason}")]
     Corrupt { id: QueueId, reason: String },
+
+    /// A record (or its content) that failed authentication, was sealed
+    /// under a key the ring lacks, or is in clear in an encrypted queue:
+    /// taken out of the schedule, never delivered, kept for a postmaster.
+    #[error(
+        "queue record {id} is quarantined and will not be delivered: {reason} (see `mta queue list`)"
+    )]
+    Quarantined { id: QueueId, reason: String },
+
+    /// A key file could not be used.
+    #[error(transparent)]
+    Key(#[from] crate::crypt::KeyError),
+
+    /// The queue holds records sealed under keys none of which the key file
+    /// holds: the wrong key file, or a key lost.
+    #[error(
+        "the queue at {} was encrypted with key {sealed_with}, but the key file {} holds only key {holds}: point [queue] encryption_key_file at the key file the queue was written with (restore it from your backup if it was lost)",
+        store.display(), key_file.display()
+    )]
+    WrongKey {
+        store: PathBuf,
+        key_file: PathBuf,
+        sealed_with: String,
+        holds: String,
+    },
+
+    /// The queue is encrypted and was opened without a key.
+    #[error(
+        "the queue at {} is encrypted (key {key_ids}) and was opened without a key: set [queue] encryption_key_file to its key file (encryption cannot be turned off while encrypted messages are queued)",
+        path.display()
+    )]
+    Encrypted { path: PathBuf, key_ids: String },
+
+    /// Sealing failed (the system's random number generator).
+    #[error("cannot encrypt for the queue: {0}")]
+    Crypto(String),
 }

@@ -61,17 +61,48 @@
 //!   hold at most about four times their live bytes (entries that cannot be
 //!   read stay where they are, for a postmaster).
 //!
-//! The store is not encrypted yet (see the data-protection issue).
+//!
+//! # Encryption at rest
+//!
+//! With keys ([`QueueConfig::keys`], a [`QueueKeys`] ring read from a key
+//! file that lives outside the store), every envelope and every content is
+//! sealed with AES-256-GCM-SIV under the ring's current key, with a fresh
+//! random nonce per seal, before it is written: no address, header or body
+//! of a queued message reaches `<path>/` in clear. The associated data is
+//! the queue ID and what the bytes are (envelope or content), so sealed
+//! bytes cannot be moved to another message or pass for the other kind.
+//! Each sealed form starts with its key's id, so after a rotation old
+//! records still open with the old key (kept in the file after the new
+//! one) and [`Queue::rekey_blocking`] seals them again under the new one.
+//! Crash safety is unchanged: sealing happens before the same writes, and
+//! compaction copies sealed bytes as they are. See `crypt.rs` (keys, key
+//! file, algorithm) and `codec.rs` (stored forms).
+//!
+//! Trust boundary: the key file and whoever may read it. What the
+//! encryption does not hide: queue IDs (hence reception times), due times,
+//! sizes and the number of records. An envelope or content that fails
+//! authentication, sealed under a key the ring lacks, or in clear in an
+//! encrypted store is **quarantined**: moved out of the schedule to its own
+//! key with the reason, kept with its content, never delivered, reported by
+//! recovery and [`Queue::quarantined`]. Someone who can write the store can
+//! still delete records or put back an older sealed version of the same
+//! message (at worst a second delivery); they cannot read, alter or swap
+//! them. A wrong key file is refused at [`Queue::open`]
+//! ([`QueueError::WrongKey`]) rather than quarantining the queue.
 
+mod codec;
 mod commit;
 mod content;
+mod crypt;
 mod error;
 mod gauges;
 mod id;
 mod record;
 mod store;
 
+pub use codec::QuarantineKind;
 pub use commit::CommitStats;
+pub use crypt::{KEY_LEN, KeyError, KeyId, QueueKeys};
 pub use error::QueueError;
 pub use gauges::{QueueShape, StateTotals};
 pub use id::{ParseQueueIdError, QueueId};
@@ -80,5 +111,5 @@ pub use record::{
 };
 pub use store::{
     AfterOutcome, Claim, CompactionReport, Enqueued, Filter, NewMessage, Outcome, QSHAPE_BUCKETS,
-    Queue, QueueConfig, RecoveryReport, Summary, SummaryBy, SummaryRow,
+    Quarantined, Queue, QueueConfig, RecoveryReport, RekeyReport, Summary, SummaryBy, SummaryRow,
 };

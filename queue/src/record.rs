@@ -9,7 +9,7 @@ use crate::content::ContentRef;
 use crate::error::QueueError;
 use crate::id::QueueId;
 
-const SCHEMA_V1: u8 = 1;
+pub(crate) const SCHEMA_V1: u8 = 1;
 
 /// Where one recipient of a message stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -6,8 +6,15 @@
 //!
 //! | key                          | value                        |
 //! |------------------------------|------------------------------|
-//! | `m` id(8, BE)                | [`MessageRecord`], encoded   |
+//! | `m` id(8, BE)                | [`MessageRecord`], encoded (sealed when the queue has keys, see `codec.rs`) |
 //! | `s` due-ms(8, BE) id(8, BE)  | empty: the schedule index    |
+//! | `q` id(8, BE)                | a record in quarantine: why, and its envelope as it was |
+//! | `k` key id(8)                | empty: a key that sealed something in this store |
+//!
+//! The `k` keys make a wrong key file a start-up error instead of a
+//! quarantined queue: a key is added when it is current at an opening and
+//! removed only by [`Queue::rekey_blocking`] once nothing it sealed is
+//! left, so they always cover every key the records need.
 //!
 //! Invariant: a message that is neither held nor complete has exactly one
 //! schedule key, at `record.scheduled_ms`, except while it is claimed (the
@@ -21,8 +28,10 @@ use std::sync::{Arc, Mutex, Weak};
 
 use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 
+use crate::codec::{Codec, Form, QuarantineEntry, QuarantineKind, Refused, content_place, form_of};
 use crate::commit::{CommitStats, GroupCommit};
 use crate::content::{ContentLog, ContentRef};
+use crate::crypt::{KeyId, QueueKeys};
 use crate::error::QueueError;
 use crate::gauges::{Contribution, Gauges, QueueShape};
 use crate::id::{IdGenerator, QueueId};
@@ -30,6 +39,15 @@ use crate::record::{MessageRecord, MessageState, RecipientRecord, RecipientState
 
 const MSG: u8 = b'm';
 const SCHED: u8 = b's';
+const QUAR: u8 = b'q';
+const KEYS: u8 = b'k';
+
+fn keys_key(id: KeyId) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = KEYS;
+    k[1..].copy_from_slice(&id.0);
+    k
+}
 
 fn key(prefix: u8, id: QueueId) -> [u8; 9] {
     let mut k = [0u8; 9];
@@ -70,6 +88,11 @@ pub struct QueueConfig {
     /// live bytes after a pass, and a pass copies under a quarter of the
     /// bytes it frees. 0 only removes closed segments with nothing live.
     pub compact_below: f64,
+    /// Encryption at rest: with keys, every envelope and content is sealed
+    /// under the current key before it is written (see `codec.rs`); `None`
+    /// (the default of [`QueueConfig::new`]) writes them in clear. The mta
+    /// daemon always gives keys unless `[queue] encrypt = false`.
+    pub keys: Option<Arc<QueueKeys>>,
 }
 
 impl QueueConfig {
@@ -80,6 +103,7 @@ impl QueueConfig {
             commit_timeout: std::time::Duration::from_secs(30),
             segment_bytes: 16 * 1024 * 1024,
             compact_below: 0.25,
+            keys: None,
         }
     }
 }
@@ -114,6 +138,39 @@ pub struct RecoveryReport {
     /// Records that could not be decoded or whose content is missing; left
     /// in place, never scheduled, and reported.
     pub corrupt: Vec<QueueId>,
+    /// Records in quarantine (failed authentication, sealed under a key the
+    /// ring lacks, or in clear in an encrypted queue), with why: never
+    /// scheduled, kept with their content, listed by [`Queue::quarantined`].
+    pub quarantined: Vec<(QueueId, String)>,
+    /// Records taken out of quarantine because the key they need is back.
+    pub restored: usize,
+    /// Records in clear sealed by this opening (the first with keys).
+    pub sealed: usize,
+}
+
+/// What [`Queue::rekey_blocking`] did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RekeyReport {
+    /// Envelopes sealed again under the current key.
+    pub envelopes: usize,
+    /// Contents sealed again under the current key.
+    pub contents: usize,
+    /// Records taken out of quarantine (their key is back, or they were in
+    /// clear and are now sealed).
+    pub restored: usize,
+    /// Records still in quarantine.
+    pub quarantined: usize,
+    /// The keys something in the store is still sealed with (the current
+    /// key always); the others may leave the key file.
+    pub keys_in_use: Vec<KeyId>,
+}
+
+/// A record in quarantine, for a postmaster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Quarantined {
+    pub id: QueueId,
+    pub kind: QuarantineKind,
+    pub reason: String,
 }
 
 /// What one [`Queue::compact`] pass did.
@@ -259,6 +316,7 @@ struct Inner {
     /// The queue's shape, kept up to date by every write; `None` for a
     /// store opened for inspection, which recovery did not count.
     gauges: Option<Gauges>,
+    codec: Codec,
 }
 
 /// The durable queue. Cheap to clone; all clones share one store.
@@ -314,25 +372,82 @@ impl Queue {
     /// Opens (or creates) the store and recovers it: rebuilds the schedule
     /// from the records, so messages that were being delivered when the last
     /// process stopped are due again, and removes orphaned contents.
+    ///
+    /// With keys ([`QueueConfig::keys`]), the store must have been sealed
+    /// with one of them ([`QueueError::WrongKey`] otherwise); the first
+    /// opening with keys seals every record written in clear before, and
+    /// from then on a record in clear is quarantined. Without keys, an
+    /// encrypted store is refused ([`QueueError::Encrypted`]).
     pub fn open(config: &QueueConfig) -> Result<(Queue, RecoveryReport), QueueError> {
         let db = open_db(config)?;
         let tree = db.open_tree("queue")?;
+        let codec = Codec::new(config.keys.clone());
+        let sealed_store = check_keys(&tree, config)?;
+        codec.set_accept_plain(!sealed_store);
         let content = ContentLog::open(&content_path(&config.path), config.segment_bytes, true)?;
-        let (report, shape) = recover(&tree, &content)?;
+        let (mut report, shape) = recover(&tree, &content, &codec)?;
         db.flush()?;
-        let queue = Self::from_parts(config, db, tree, content, Some(Gauges::starting_at(shape)))?;
+        let queue = Self::from_parts(
+            config,
+            db,
+            tree,
+            content,
+            codec,
+            Some(Gauges::starting_at(shape)),
+        )?;
         queue.sync()?;
+        if let Some(keys) = &config.keys {
+            if sealed_store {
+                queue.inner.tree.insert(keys_key(keys.current()), &[])?;
+                let restored = queue.restore_quarantined(false)?;
+                report
+                    .quarantined
+                    .retain(|(id, _)| !restored.iter().any(|r| r.id == *id));
+                report.restored = restored.len();
+                report.messages += restored.len();
+                for rec in &restored {
+                    report.pending_recipients += rec
+                        .recipients
+                        .iter()
+                        .filter(|r| !r.state.is_final())
+                        .count();
+                    report.scheduled += usize::from(rec.scheduled_ms.is_some());
+                }
+            } else {
+                // The first opening with keys: seal what is in clear, then
+                // mark the store sealed (the rekey writes the `k` keys).
+                let r = queue.rekey_blocking()?;
+                report.sealed = r.envelopes;
+                if r.envelopes > 0 {
+                    tracing::info!(
+                        records = r.envelopes,
+                        contents = r.contents,
+                        "queue records written before encryption was on are now encrypted"
+                    );
+                }
+            }
+            queue.inner.codec.set_accept_plain(false);
+            queue.sync()?;
+        }
         Ok((queue, report))
     }
 
     /// Opens the store for reading only (no recovery writes, no new
-    /// segment), for offline inspection while no daemon runs.
+    /// segment), for offline inspection while no daemon runs. An encrypted
+    /// store needs [`open_for_inspection_with`](Self::open_for_inspection_with).
     pub fn open_for_inspection(path: &Path) -> Result<Queue, QueueError> {
-        let config = QueueConfig::new(path);
-        let db = open_db(&config)?;
+        Self::open_for_inspection_with(&QueueConfig::new(path))
+    }
+
+    /// [`open_for_inspection`](Self::open_for_inspection) with the
+    /// config's keys.
+    pub fn open_for_inspection_with(config: &QueueConfig) -> Result<Queue, QueueError> {
+        let db = open_db(config)?;
         let tree = db.open_tree("queue")?;
-        let content = ContentLog::open(&content_path(path), config.segment_bytes, false)?;
-        Self::from_parts(&config, db, tree, content, None)
+        let codec = Codec::new(config.keys.clone());
+        codec.set_accept_plain(!check_keys(&tree, config)?);
+        let content = ContentLog::open(&content_path(&config.path), config.segment_bytes, false)?;
+        Self::from_parts(config, db, tree, content, codec, None)
     }
 
     fn from_parts(
@@ -340,6 +455,7 @@ impl Queue {
         db: sled::Db,
         tree: sled::Tree,
         content: ContentLog,
+        codec: Codec,
         gauges: Option<Gauges>,
     ) -> Result<Queue, QueueError> {
         let last = tree
@@ -381,6 +497,7 @@ impl Queue {
                 claimed: Mutex::new(HashSet::new()),
                 compact_below: config.compact_below,
                 gauges,
+                codec,
             }),
         })
     }
@@ -404,8 +521,19 @@ impl Queue {
         }
         let id = msg.id;
         let due = msg.received_ms;
-        let content = self.inner.content.append(id, &msg.content)?;
-        let (batch, added) = Self::enqueue_batch(msg, content);
+        let sealed = self.inner.codec.seal_content(id, &msg.content)?;
+        let content = match &sealed {
+            Some(bytes) => self.inner.content.append_entry(id, true, bytes)?,
+            None => self.inner.content.append_entry(id, false, &msg.content)?,
+        };
+        drop(sealed);
+        let (batch, added) = match self.enqueue_batch(msg, content) {
+            Ok(b) => b,
+            Err(e) => {
+                self.inner.content.release(&content);
+                return Err(e);
+            }
+        };
         if let Err(e) = self.inner.tree.apply_batch(batch) {
             self.inner.content.release(&content);
             let e = QueueError::Store(e);
@@ -428,7 +556,11 @@ impl Queue {
         })
     }
 
-    fn enqueue_batch(msg: NewMessage, content: ContentRef) -> (sled::Batch, Contribution) {
+    fn enqueue_batch(
+        &self,
+        msg: NewMessage,
+        content: ContentRef,
+    ) -> Result<(sled::Batch, Contribution), QueueError> {
         let due = msg.received_ms;
         let mut seen = HashSet::new();
         let recipients = msg
@@ -452,8 +584,8 @@ impl Queue {
         let mut batch = sled::Batch::default();
         // No schedule key yet: the message becomes due only once it is
         // durable and the caller let go of its `Enqueued` (see there).
-        batch.insert(&key(MSG, msg.id), record.encode());
-        (batch, Contribution::of(&record))
+        batch.insert(&key(MSG, msg.id), self.inner.codec.encode(&record)?);
+        Ok((batch, Contribution::of(&record)))
     }
 
     fn undo_enqueue(&self, id: QueueId) {
@@ -464,7 +596,7 @@ impl Queue {
             return;
         };
         let mut batch = sled::Batch::default();
-        let rec = MessageRecord::decode(id, &bytes).ok();
+        let rec = self.inner.codec.decode(id, &bytes).ok();
         if let Some(s) = rec.as_ref().and_then(|r| r.scheduled_ms) {
             batch.remove(&sched_key(s, id));
         }
@@ -505,7 +637,15 @@ impl Queue {
             let Some(bytes) = self.inner.tree.get(key(MSG, id))? else {
                 continue;
             };
-            let record = MessageRecord::decode(id, &bytes)?;
+            let record = match self.inner.codec.open(id, &bytes) {
+                Ok(record) => record,
+                // Tampered with while we run: out of the schedule, kept.
+                Err(Ok(refused)) => {
+                    self.inner.quarantine(id, refused);
+                    continue;
+                }
+                Err(Err(e)) => return Err(e),
+            };
             if record.held || record.is_complete() {
                 continue;
             }
@@ -548,17 +688,46 @@ impl Queue {
     fn content_at(&self, id: QueueId, mut at: ContentRef) -> Result<Vec<u8>, QueueError> {
         let mut tries = 0;
         loop {
-            match self.inner.content.read(id, &at) {
-                Ok(content) => return Ok(content),
-                Err(e) => {
-                    tries += 1;
-                    let now = self.get(id)?.content;
-                    if now == at || tries >= 8 {
-                        return Err(e);
-                    }
-                    at = now;
+            // Err(Ok(refused)): to quarantine; Err(Err(e)): to report.
+            let failed: Result<Refused, QueueError> = match self.inner.content.read_entry(id, &at) {
+                Ok((sealed, body)) => match self.inner.codec.open_content(id, sealed, body) {
+                    Ok(content) => return Ok(content),
+                    Err(e) => e,
+                },
+                // In an encrypted queue, content that is not what its
+                // (authenticated) record says is treated as forged.
+                Err(QueueError::Corrupt { reason, .. }) if self.inner.codec.keys().is_some() => {
+                    Ok(Refused {
+                        kind: QuarantineKind::Content,
+                        reason: format!("the content is damaged or altered: {reason}"),
+                    })
                 }
+                Err(e) => Err(e),
+            };
+            tries += 1;
+            let now = self.get(id)?.content;
+            if now != at {
+                // Moved by a compaction meanwhile: follow the record.
+                if tries < 8 {
+                    at = now;
+                    continue;
+                }
+                return Err(failed.map_or_else(
+                    |e| e,
+                    |r| QueueError::Corrupt {
+                        id,
+                        reason: r.reason,
+                    },
+                ));
             }
+            return Err(match failed {
+                Err(e) => e,
+                Ok(refused) => {
+                    let reason = refused.reason.clone();
+                    self.inner.quarantine(id, refused);
+                    QueueError::Quarantined { id, reason }
+                }
+            });
         }
     }
 
@@ -647,8 +816,11 @@ impl Queue {
             let Some(bytes) = tx.get(key(MSG, id))? else {
                 return Ok(None);
             };
-            let rec =
-                MessageRecord::decode(id, &bytes).map_err(ConflictableTransactionError::Abort)?;
+            let rec = self
+                .inner
+                .codec
+                .decode(id, &bytes)
+                .map_err(ConflictableTransactionError::Abort)?;
             if let Some(s) = rec.scheduled_ms {
                 tx.remove(&sched_key(s, id))?;
             }
@@ -709,8 +881,11 @@ impl Queue {
             let Some(bytes) = tx.get(key(MSG, id))? else {
                 return Ok((AfterOutcome::Gone, None, None, None));
             };
-            let mut rec =
-                MessageRecord::decode(id, &bytes).map_err(ConflictableTransactionError::Abort)?;
+            let mut rec = self
+                .inner
+                .codec
+                .decode(id, &bytes)
+                .map_err(ConflictableTransactionError::Abort)?;
             let before = Some(Contribution::of(&rec));
             (f.borrow_mut())(&mut rec);
             if let Some(s) = rec.scheduled_ms.take() {
@@ -730,7 +905,12 @@ impl Queue {
                     tx.insert(&sched_key(due, id), &[])?;
                 }
             }
-            tx.insert(&key(MSG, id), rec.encode())?;
+            let bytes = self
+                .inner
+                .codec
+                .encode(&rec)
+                .map_err(ConflictableTransactionError::Abort)?;
+            tx.insert(&key(MSG, id), bytes)?;
             let now = Some(Contribution::of(&rec));
             Ok((
                 AfterOutcome::Pending { next_due_ms: next },
@@ -766,7 +946,7 @@ impl Queue {
             .tree
             .get(key(MSG, id))?
             .ok_or(QueueError::NotFound(id))?;
-        MessageRecord::decode(id, &bytes)
+        self.inner.codec.decode(id, &bytes)
     }
 
     /// Messages matching `filter`, oldest first.
@@ -789,7 +969,7 @@ impl Queue {
         self.inner.tree.scan_prefix([MSG]).map(|entry| {
             let (k, v) = entry?;
             let id = id_from_key(&k).expect("message keys hold an id");
-            MessageRecord::decode(id, &v)
+            self.inner.codec.decode(id, &v)
         })
     }
 
@@ -936,6 +1116,189 @@ impl Queue {
         pass.finish()
     }
 
+    /// Seals everything in the store again under the current key, so that
+    /// older keys can leave the key file; meant for `mta queue rekey` with
+    /// the daemon stopped (and run by the first opening with keys, to seal
+    /// what was written in clear). In order:
+    ///
+    /// 1. Records in quarantine because their key was missing and that
+    ///    open now, or that were in clear, go back to the queue (running
+    ///    this is the postmaster vouching for records in clear).
+    /// 2. Every content not under the current key is sealed again, with
+    ///    compaction's steps (copy, group commit, repoint the record in a
+    ///    transaction that checks it still points at the old place, group
+    ///    commit, release), so a crash at any point loses nothing.
+    /// 3. Every envelope not under the current key is sealed again.
+    /// 4. The `k` marks are set to the keys still in use: the current one
+    ///    and whatever records left in quarantine were sealed with.
+    pub fn rekey_blocking(&self) -> Result<RekeyReport, QueueError> {
+        if self.inner.commit.is_failed() {
+            return Err(QueueError::Failed);
+        }
+        let Some(keys) = self.inner.codec.keys().cloned() else {
+            return Err(QueueError::Crypto(
+                "the queue was opened without a key: nothing to rekey with".into(),
+            ));
+        };
+        if !self.inner.content.is_writable() {
+            return Err(QueueError::Store(sled::Error::Unsupported(
+                "the queue was opened for reading only".into(),
+            )));
+        }
+        let mut report = RekeyReport {
+            restored: self.restore_quarantined(true)?.len(),
+            ..Default::default()
+        };
+        self.inner.commit.durable_blocking()?;
+
+        let mut pass = self.rekey_pass()?;
+        while self.compaction_copy(&mut pass) {
+            let synced = self.inner.commit.durable_blocking();
+            self.compaction_repoint(&mut pass, synced);
+            let durable = if pass.repointed.is_empty() {
+                Ok(())
+            } else {
+                self.inner.commit.durable_blocking()
+            };
+            self.compaction_release(&mut pass, durable);
+        }
+        let moved = pass.finish()?;
+        report.contents = moved.messages_moved;
+        // Repointed records were sealed again with their new place.
+        report.envelopes = moved.messages_moved;
+
+        let current = keys.current();
+        let stale: Vec<QueueId> = self
+            .inner
+            .tree
+            .scan_prefix([MSG])
+            .filter_map(|e| {
+                let (k, v) = e.ok()?;
+                (form_of(&v) != Some(Form::Sealed(current))).then(|| id_from_key(&k))?
+            })
+            .collect();
+        for id in stale {
+            let resealed = self.transact(|tx| {
+                let Some(bytes) = tx.get(key(MSG, id))? else {
+                    return Ok(false);
+                };
+                if form_of(&bytes) == Some(Form::Sealed(current)) {
+                    return Ok(false);
+                }
+                let Ok(rec) = self.inner.codec.decode(id, &bytes) else {
+                    return Ok(false);
+                };
+                let bytes = self
+                    .inner
+                    .codec
+                    .encode(&rec)
+                    .map_err(ConflictableTransactionError::Abort)?;
+                tx.insert(&key(MSG, id), bytes)?;
+                Ok(true)
+            })?;
+            report.envelopes += usize::from(resealed);
+        }
+
+        let mut in_use: std::collections::BTreeSet<KeyId> = [current].into();
+        for entry in self.inner.tree.scan_prefix([QUAR]) {
+            let (k, v) = entry?;
+            report.quarantined += 1;
+            let (Some(id), Some(q)) = (id_from_key(&k), QuarantineEntry::decode(&v)) else {
+                continue;
+            };
+            if let Some(Form::Sealed(kid)) = form_of(&q.stored) {
+                in_use.insert(kid);
+            }
+            if let Some(place) = content_place(id, &q.stored)
+                && let Ok((true, body)) = self.inner.content.read_entry(id, &place)
+                && let Some(kid) = Codec::content_key(true, &body)
+            {
+                in_use.insert(kid);
+            }
+        }
+        let mut batch = sled::Batch::default();
+        for k in self.inner.tree.scan_prefix([KEYS]).keys() {
+            batch.remove(k?);
+        }
+        for kid in &in_use {
+            batch.insert(&keys_key(*kid), &[]);
+        }
+        self.inner.tree.apply_batch(batch)?;
+        self.inner.commit.durable_blocking()?;
+        report.keys_in_use = in_use.into_iter().collect();
+        Ok(report)
+    }
+
+    /// Puts back in the queue the quarantined records that open now: those
+    /// sealed under a key that is back in the ring (and whose content opens
+    /// too), and, when `clear_too`, those in clear (sealed now). Returns
+    /// how many.
+    fn restore_quarantined(&self, clear_too: bool) -> Result<Vec<MessageRecord>, QueueError> {
+        let mut restored = Vec::new();
+        for entry in self.inner.tree.scan_prefix([QUAR]) {
+            let (k, v) = entry?;
+            let (Some(id), Some(q)) = (id_from_key(&k), QuarantineEntry::decode(&v)) else {
+                continue;
+            };
+            let rec = match q.kind {
+                QuarantineKind::UnknownKey => match self.inner.codec.decode(id, &q.stored) {
+                    Ok(rec) if self.content_opens(id, &rec.content, false) => rec,
+                    _ => continue,
+                },
+                QuarantineKind::Plaintext if clear_too => {
+                    match MessageRecord::decode(id, &q.stored) {
+                        Ok(rec) if self.content_opens(id, &rec.content, true) => rec,
+                        _ => continue,
+                    }
+                }
+                _ => continue,
+            };
+            let mut rec = rec;
+            let due = if rec.held { None } else { rec.next_due_ms() };
+            rec.scheduled_ms = due;
+            let bytes = self.inner.codec.encode(&rec)?;
+            let mut batch = sled::Batch::default();
+            batch.remove(&k);
+            batch.insert(&key(MSG, id), bytes);
+            if let Some(due) = due {
+                batch.insert(&sched_key(due, id), &[]);
+            }
+            self.inner.tree.apply_batch(batch)?;
+            tracing::info!(queue_id = %id, "queue record taken out of quarantine: it opens now");
+            restored.push(rec);
+        }
+        Ok(restored)
+    }
+
+    /// Whether a content entry can be read and opened (`clear_ok`: or is
+    /// in clear).
+    fn content_opens(&self, id: QueueId, at: &ContentRef, clear_ok: bool) -> bool {
+        match self.inner.content.read_entry(id, at) {
+            Ok((false, _)) => clear_ok,
+            Ok((true, body)) => self.inner.codec.open_content(id, true, body).is_ok(),
+            Err(_) => false,
+        }
+    }
+
+    /// The records in quarantine, oldest first: never delivered, kept (with
+    /// their content) for a postmaster.
+    pub fn quarantined(&self) -> Result<Vec<Quarantined>, QueueError> {
+        let mut out = Vec::new();
+        for entry in self.inner.tree.scan_prefix([QUAR]) {
+            let (k, v) = entry?;
+            let Some(id) = id_from_key(&k) else { continue };
+            let (kind, reason) = match QuarantineEntry::decode(&v) {
+                Some(q) => (q.kind, q.reason),
+                None => (
+                    QuarantineKind::Forged,
+                    "the quarantine entry itself is damaged".into(),
+                ),
+            };
+            out.push(Quarantined { id, kind, reason });
+        }
+        Ok(out)
+    }
+
     /// Finds the segments to compact (deleting closed ones with nothing
     /// live) and the records that point into them.
     fn compaction_start(&self) -> Result<Pass, QueueError> {
@@ -960,6 +1323,7 @@ impl Queue {
                 ..Default::default()
             },
             error: None,
+            reseal: false,
         };
         if candidates.is_empty() {
             return Ok(pass);
@@ -969,7 +1333,7 @@ impl Queue {
             let rec = match rec {
                 Ok(rec) => rec,
                 // Reported by recovery and left in place.
-                Err(QueueError::Corrupt { .. }) => continue,
+                Err(QueueError::Corrupt { .. } | QueueError::Quarantined { .. }) => continue,
                 Err(e) => return Err(e),
             };
             if candidates.contains(&rec.content.segment) && !content.is_unadopted(&rec.content) {
@@ -980,6 +1344,77 @@ impl Queue {
         pass.todo
             .sort_by_key(|(_, r)| std::cmp::Reverse((r.segment, r.offset)));
         Ok(pass)
+    }
+
+    /// A pass that seals every content again under the current key, through
+    /// the same copy, repoint and release steps as compaction.
+    fn rekey_pass(&self) -> Result<Pass, QueueError> {
+        let mut pass = Pass {
+            content: self.inner.content.clone(),
+            todo: Vec::new(),
+            copied: Vec::new(),
+            repointed: Vec::new(),
+            report: CompactionReport::default(),
+            error: None,
+            reseal: true,
+        };
+        for rec in self.records() {
+            match rec {
+                Ok(rec) if !self.inner.content.is_unadopted(&rec.content) => {
+                    pass.todo.push((rec.id, rec.content))
+                }
+                Ok(_) | Err(QueueError::Corrupt { .. } | QueueError::Quarantined { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        pass.todo
+            .sort_by_key(|(_, r)| std::cmp::Reverse((r.segment, r.offset)));
+        Ok(pass)
+    }
+
+    /// For a rekey pass: the entry sealed under the current key, or `None`
+    /// when it already is (or cannot be opened: then its record is
+    /// quarantined). Compaction keeps entries as they are.
+    fn reseal(
+        &self,
+        pass: &mut Pass,
+        id: QueueId,
+        sealed: bool,
+        data: Vec<u8>,
+    ) -> Option<(bool, Vec<u8>)> {
+        if !pass.reseal {
+            return Some((sealed, data));
+        }
+        let codec = &self.inner.codec;
+        let current = codec.keys()?.current();
+        if Codec::content_key(sealed, &data) == Some(current) {
+            return None;
+        }
+        // Content in clear is taken here: running rekey is the postmaster
+        // vouching for it.
+        let plain = if sealed {
+            match codec.open_content(id, true, data) {
+                Ok(plain) => plain,
+                Err(Ok(refused)) => {
+                    self.inner.quarantine(id, refused);
+                    return None;
+                }
+                Err(Err(e)) => {
+                    tracing::warn!(queue_id = %id, error = %e, "content left as it is: it cannot be read");
+                    return None;
+                }
+            }
+        } else {
+            data
+        };
+        match codec.seal_content(id, &plain) {
+            Ok(Some(bytes)) => Some((true, bytes)),
+            Ok(None) => None,
+            Err(e) => {
+                pass.fail(e);
+                None
+            }
+        }
     }
 
     /// Copies the next entries, up to one segment of bytes, to the current
@@ -994,8 +1429,8 @@ impl Queue {
         while bytes < limit
             && let Some((id, old)) = pass.todo.pop()
         {
-            let data = match content.read(id, &old) {
-                Ok(data) => data,
+            let (sealed, data) = match content.read_entry(id, &old) {
+                Ok(entry) => entry,
                 Err(e) => {
                     // Completed meanwhile (its segment may be gone already),
                     // or damaged: then it stays where it is, for a postmaster.
@@ -1005,7 +1440,13 @@ impl Queue {
                     continue;
                 }
             };
-            match content.append(id, &data) {
+            // Sealed bytes are copied as they are: their associated data
+            // is the queue ID, not the place.
+            let (sealed, data) = match self.reseal(pass, id, sealed, data) {
+                Some(entry) => entry,
+                None => continue,
+            };
+            match content.append_entry(id, sealed, &data) {
                 Ok(new) => {
                     bytes += new.span();
                     pass.copied.push(Move { id, old, new });
@@ -1034,14 +1475,19 @@ impl Queue {
                 let Some(bytes) = tx.get(key(MSG, id))? else {
                     return Ok(false);
                 };
-                let Ok(mut rec) = MessageRecord::decode(id, &bytes) else {
+                let Ok(mut rec) = self.inner.codec.decode(id, &bytes) else {
                     return Ok(false);
                 };
                 if rec.content != old {
                     return Ok(false);
                 }
                 rec.content = new;
-                tx.insert(&key(MSG, id), rec.encode())?;
+                let bytes = self
+                    .inner
+                    .codec
+                    .encode(&rec)
+                    .map_err(ConflictableTransactionError::Abort)?;
+                tx.insert(&key(MSG, id), bytes)?;
                 Ok(true)
             });
             match result {
@@ -1100,6 +1546,9 @@ struct Pass {
     repointed: Vec<Move>,
     report: CompactionReport,
     error: Option<QueueError>,
+    /// A rekey pass: copies are sealed again under the current key (and
+    /// entries already under it are left where they are).
+    reseal: bool,
 }
 
 impl Pass {
@@ -1167,7 +1616,7 @@ impl Drop for Enqueued {
             let Some(bytes) = inner.tree.get(key(MSG, id))? else {
                 return Ok(());
             };
-            let rec = MessageRecord::decode(id, &bytes)?;
+            let rec = inner.codec.decode(id, &bytes)?;
             if !rec.held && rec.scheduled_ms == Some(due) {
                 inner.tree.insert(sched_key(due, id), &[])?;
             }
@@ -1206,11 +1655,45 @@ impl Claim {
 }
 
 impl Inner {
+    /// Takes a record out of the live queue into quarantine (`q<id>`),
+    /// keeping its envelope as it was and its content where it is.
+    fn quarantine(&self, id: QueueId, refused: Refused) {
+        let result = self.tree.transaction(|tx| {
+            let Some(bytes) = tx.get(key(MSG, id))? else {
+                return Ok(false);
+            };
+            if let Ok(rec) = self.codec.decode(id, &bytes)
+                && let Some(s) = rec.scheduled_ms
+            {
+                tx.remove(&sched_key(s, id))?;
+            }
+            let entry = QuarantineEntry {
+                kind: refused.kind,
+                reason: refused.reason.clone(),
+                stored: bytes.to_vec(),
+            };
+            tx.remove(&key(MSG, id))?;
+            tx.insert(&key(QUAR, id), entry.encode())?;
+            Ok::<_, ConflictableTransactionError<QueueError>>(true)
+        });
+        match result {
+            Ok(true) => tracing::error!(
+                queue_id = %id,
+                reason = %refused.reason,
+                "queue record quarantined: it will not be delivered; it is kept for a postmaster (mta queue list)"
+            ),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::error!(queue_id = %id, error = %e, reason = %refused.reason, "could not quarantine a queue record")
+            }
+        }
+    }
+
     /// Puts a claimed message back in the schedule without recording anything.
     fn unclaim(&self, id: QueueId) {
         let result = (|| -> Result<(), QueueError> {
             if let Some(bytes) = self.tree.get(key(MSG, id))? {
-                let rec = MessageRecord::decode(id, &bytes)?;
+                let rec = self.codec.decode(id, &bytes)?;
                 if !rec.held
                     && let Some(s) = rec.scheduled_ms
                 {
@@ -1245,9 +1728,86 @@ impl Drop for Claim {
     }
 }
 
+/// Checks the keys against the store before anything is changed: returns
+/// whether the store is sealed (then records in clear are quarantined).
+fn check_keys(tree: &sled::Tree, config: &QueueConfig) -> Result<bool, QueueError> {
+    let mut marked = Vec::new();
+    for k in tree.scan_prefix([KEYS]).keys() {
+        let k = k?;
+        if let Ok(id) = k[1..].try_into() {
+            marked.push(KeyId(id));
+        }
+    }
+    let has_records =
+        tree.scan_prefix([MSG]).next().is_some() || tree.scan_prefix([QUAR]).next().is_some();
+    let list = |ids: &[KeyId]| {
+        ids.iter()
+            .map(KeyId::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let Some(keys) = &config.keys else {
+        if marked.is_empty() {
+            return Ok(false);
+        }
+        if has_records {
+            return Err(QueueError::Encrypted {
+                path: config.path.clone(),
+                key_ids: list(&marked),
+            });
+        }
+        tracing::warn!("queue encryption is off: the queue was encrypted, and is empty");
+        for id in marked {
+            tree.remove(keys_key(id))?;
+        }
+        return Ok(false);
+    };
+    let ring = keys.ids();
+    // No marks: opened with keys for the first time, unless the marks were
+    // lost while sealed records remain; then their keys decide.
+    if marked.is_empty() {
+        for entry in tree.scan_prefix([MSG]).chain(tree.scan_prefix([QUAR])) {
+            let (k, v) = entry?;
+            let stored = if k[0] == QUAR {
+                QuarantineEntry::decode(&v).map(|q| q.stored)
+            } else {
+                Some(v.to_vec())
+            };
+            if let Some(Form::Sealed(id)) = stored.as_deref().and_then(form_of)
+                && !marked.contains(&id)
+            {
+                marked.push(id);
+            }
+        }
+    }
+    if marked.is_empty() {
+        return Ok(false);
+    }
+    if !marked.iter().any(|id| ring.contains(id)) {
+        if has_records {
+            return Err(QueueError::WrongKey {
+                store: config.path.clone(),
+                key_file: keys.path().to_path_buf(),
+                sealed_with: list(&marked),
+                holds: list(&ring),
+            });
+        }
+        tracing::warn!(
+            old = %list(&marked),
+            new = %keys.current(),
+            "the queue was encrypted with another key and is empty: the new key takes over"
+        );
+        for id in marked {
+            tree.remove(keys_key(id))?;
+        }
+    }
+    Ok(true)
+}
+
 fn recover(
     tree: &sled::Tree,
     content: &ContentLog,
+    codec: &Codec,
 ) -> Result<(RecoveryReport, QueueShape), QueueError> {
     let mut report = RecoveryReport::default();
     let mut shape = QueueShape::default();
@@ -1258,10 +1818,30 @@ fn recover(
     for entry in tree.scan_prefix([MSG]) {
         let (k, v) = entry?;
         let Some(id) = id_from_key(&k) else { continue };
-        let mut rec = match MessageRecord::decode(id, &v) {
+        let mut rec = match codec.open(id, &v) {
             Ok(rec) => rec,
-            Err(e) => {
+            Err(Ok(refused)) => {
+                // Never delivered, never dropped: out of the schedule, with
+                // its content kept.
+                tracing::error!(queue_id = %id, reason = %refused.reason, "queue record quarantined: it will not be delivered; it is kept for a postmaster (mta queue list)");
+                if let Some(place) = content_place(id, &v) {
+                    let _ = content.adopt(&place);
+                }
+                let entry = QuarantineEntry {
+                    kind: refused.kind,
+                    reason: refused.reason.clone(),
+                    stored: v.to_vec(),
+                };
+                batch.remove(&k);
+                batch.insert(&key(QUAR, id), entry.encode());
+                report.quarantined.push((id, refused.reason));
+                continue;
+            }
+            Err(Err(e)) => {
                 tracing::error!(queue_id = %id, error = %e, "corrupt queue record left in place");
+                if let Some(place) = content_place(id, &v) {
+                    let _ = content.adopt(&place);
+                }
                 report.corrupt.push(id);
                 continue;
             }
@@ -1286,8 +1866,23 @@ fn recover(
         }
         if rec.scheduled_ms != due {
             rec.scheduled_ms = due;
-            batch.insert(&k, rec.encode());
+            batch.insert(&k, codec.encode(&rec)?);
         }
+    }
+    for entry in tree.scan_prefix([QUAR]) {
+        let (k, v) = entry?;
+        let Some(id) = id_from_key(&k) else { continue };
+        let Some(q) = QuarantineEntry::decode(&v) else {
+            report
+                .quarantined
+                .push((id, "the quarantine entry itself is damaged".into()));
+            continue;
+        };
+        // Its content stays, whatever happens to the rest.
+        if let Some(place) = content_place(id, &q.stored) {
+            let _ = content.adopt(&place);
+        }
+        report.quarantined.push((id, q.reason));
     }
     tree.apply_batch(batch)?;
     report.orphans_removed = content.remove_unreferenced();

@@ -389,6 +389,19 @@ password_hash = "{bank}"
     )
 }
 
+/// How a test opens a stopped daemon's queue itself: its path, and the key
+/// the daemon generated beside the data directory (when encryption is on).
+pub fn store_config(data_dir: &Path) -> queue::QueueConfig {
+    let mut config = queue::QueueConfig::new(mta::daemon::queue_path(data_dir));
+    let key = mta::queue_keys::default_key_file(data_dir).expect("a key place");
+    if key.exists() {
+        config.keys = Some(Arc::new(
+            queue::QueueKeys::load(&key).expect("the daemon's queue key"),
+        ));
+    }
+    config
+}
+
 /// Queue IDs listed by `mta queue list --offline --json`, oldest first.
 pub fn offline_queue_ids(data_dir: &Path) -> Vec<String> {
     let dir = data_dir.to_str().expect("UTF-8 path");

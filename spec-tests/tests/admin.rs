@@ -57,7 +57,9 @@ fn strs(v: &Value) -> Vec<String> {
 fn admin_actions(d: &DaemonProcess) -> Vec<AdminAction> {
     all_admin_calls(d)
         .into_iter()
-        .filter(|a| !["list", "show", "summary", "suspensions"].contains(&a.action.as_str()))
+        .filter(|a| {
+            !["list", "show", "summary", "suspensions", "quarantine"].contains(&a.action.as_str())
+        })
         .collect()
 }
 
@@ -805,6 +807,7 @@ fn the_https_listener_takes_bearer_tokens_from_curl_and_the_cli_and_records_ever
             call("refused", "unauthenticated", false, "GET /v1/messages"),
             call("hold", "token:ops", true, ""),
             call("list", "token:ops", true, "all"),
+            call("quarantine", "token:ops", true, ""),
         ]
     );
     // And on the local socket, reads name the user and `unix`.

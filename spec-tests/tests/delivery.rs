@@ -792,7 +792,10 @@ fn a_clean_stop_leaves_waiting_mail_untouched_in_the_queue() {
         delivered.len() < ids.len(),
         "the stop came too late to test"
     );
-    let q = queue::Queue::open_for_inspection(&mta::daemon::queue_path(server.data_dir())).unwrap();
+    let q = queue::Queue::open_for_inspection_with(&spec_tests::server::store_config(
+        server.data_dir(),
+    ))
+    .unwrap();
     let left: Vec<queue::MessageRecord> = q.records().map(|r| r.unwrap()).collect();
     assert_eq!(
         left.len() + delivered.len(),

@@ -122,7 +122,7 @@ fn below_the_free_space_reserve_mail_is_refused_452_and_accepted_again_later() {
 
     let dir_path = server.data_dir().to_path_buf();
     server.stop();
-    let (q, report) = queue::Queue::open(&queue::QueueConfig::new(dir_path.join("queue")))
+    let (q, report) = queue::Queue::open(&spec_tests::server::store_config(&dir_path))
         .expect("the store reopens");
     assert!(report.corrupt.is_empty());
     let ids: Vec<String> = q.records().map(|r| r.unwrap().id.to_string()).collect();

@@ -357,7 +357,7 @@ fn shutdown_tells_idle_sessions_421_and_keeps_what_was_accepted() {
     server.stop();
     let r = c.reply();
     assert_eq!((r.code, r.enhanced()), (421, Some("4.3.2")), "{r}");
-    let (q, report) = queue::Queue::open(&queue::QueueConfig::new(dir.join("queue"))).unwrap();
+    let (q, report) = queue::Queue::open(&spec_tests::server::store_config(&dir)).unwrap();
     assert_eq!(report.messages, 1);
     assert!(q.get(id.parse().unwrap()).is_ok());
 }

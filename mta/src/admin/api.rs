@@ -33,6 +33,26 @@ pub struct MessageView {
     pub message: Option<String>,
 }
 
+/// A record in quarantine (failed authentication, or its key is missing).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuarantineView {
+    pub id: String,
+    /// `unknown-key`, `failed-authentication`, `unencrypted` or
+    /// `content-failed-authentication`.
+    pub kind: String,
+    pub reason: String,
+}
+
+impl From<&queue::Quarantined> for QuarantineView {
+    fn from(q: &queue::Quarantined) -> Self {
+        QuarantineView {
+            id: q.id.to_string(),
+            kind: q.kind.as_str().to_string(),
+            reason: q.reason.clone(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RecipientView {
     pub address: String,
@@ -470,6 +490,8 @@ impl Action {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
     List(ListQuery),
+    /// `GET /v1/quarantine`: records that will not be delivered.
+    Quarantine,
     Show {
         id: QueueId,
         body: bool,
@@ -517,7 +539,7 @@ fn not_found(method: &str, path: &str) -> BadRequest {
     BadRequest {
         status: 404,
         message: format!(
-            "no such endpoint: {method} {path} (see /v1/messages, /v1/messages/{{id}}, /v1/summary, /v1/actions/{{action}}, /v1/suspensions)"
+            "no such endpoint: {method} {path} (see /v1/messages, /v1/messages/{{id}}, /v1/summary, /v1/actions/{{action}}, /v1/suspensions, /v1/quarantine)"
         ),
     }
 }
@@ -576,6 +598,10 @@ impl Route {
                     };
                 }
                 Ok(Route::Show { id, body })
+            }
+            ("GET", ["quarantine"]) => {
+                query_pairs(query, &[])?;
+                Ok(Route::Quarantine)
             }
             ("GET", ["summary"]) => {
                 let mut by = SummaryBy::Domain;
@@ -676,6 +702,7 @@ impl Route {
                 ["messages"]
                 | ["messages", _]
                 | ["summary"]
+                | ["quarantine"]
                 | ["messages", _, _]
                 | ["actions", _]
                 | ["suspensions"]
@@ -692,6 +719,7 @@ impl Route {
     pub fn to_request(&self) -> (&'static str, String) {
         match self {
             Route::List(q) => ("GET", format!("/v1/messages{}", q.to_query())),
+            Route::Quarantine => ("GET", "/v1/quarantine".to_string()),
             Route::Show { id, body } => (
                 "GET",
                 format!("/v1/messages/{id}{}", if *body { "?body=true" } else { "" }),
@@ -797,6 +825,7 @@ mod tests {
             Route::Show { id, body: true },
             Route::Show { id, body: false },
             Route::Summary(SummaryBy::Tenant),
+            Route::Quarantine,
             Route::Change {
                 id,
                 action: Action::Hold,

@@ -302,6 +302,7 @@ async fn handle(state: &State, route: Route, who: &Peer) -> (u16, Vec<u8>) {
             }),
         )),
         Route::Suspensions => Some(("suspensions", String::new(), None)),
+        Route::Quarantine => Some(("quarantine", String::new(), None)),
         _ => None,
     };
     let (status, body) = answer(state, route, who).await;
@@ -351,6 +352,13 @@ async fn answer(state: &State, route: Route, who: &Peer) -> (u16, Vec<u8>) {
                 Err(e) => queue_error(&e),
             }
         }
+        Route::Quarantine => match blocking(move || q.quarantined()).await {
+            Ok(list) => ok(&list
+                .iter()
+                .map(crate::admin::api::QuarantineView::from)
+                .collect::<Vec<_>>()),
+            Err(e) => queue_error(&e),
+        },
         Route::Summary(by) => {
             let now = state.clock.now_ms();
             let summary = blocking(move || {

@@ -63,6 +63,11 @@ struct Args {
     /// Submit in plaintext (no STARTTLS).
     #[arg(long)]
     no_tls: bool,
+    /// Start the daemon with `[queue] encrypt = false` (the default seals
+    /// every queued envelope and content), to measure what encryption at
+    /// rest costs.
+    #[arg(long)]
+    no_encrypt: bool,
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
@@ -219,6 +224,8 @@ struct Report {
     size_kb: usize,
     connections: usize,
     tls: bool,
+    /// The daemon's queue sealed what it stored (`[queue] encrypt`).
+    encrypted: bool,
     seconds: f64,
     accepted_per_second: f64,
     /// From sending MAIL to reading the final 250 (the whole transaction).
@@ -270,6 +277,7 @@ struct DeferredReport {
     size_kb: usize,
     connections: usize,
     tls: bool,
+    encrypted: bool,
     submit_seconds: f64,
     accepted_per_second: f64,
     transaction_p99_ms: f64,
@@ -409,6 +417,7 @@ fn start_daemon(
     connections: usize,
     dkim: DkimArg,
     delivery: &str,
+    encrypt: bool,
 ) -> anyhow::Result<Daemon> {
     let dir = tempfile::tempdir()?;
     let extra = dkim_config(dir.path(), dkim)?;
@@ -420,7 +429,7 @@ fn start_daemon(
     std::fs::write(
         &config,
         format!(
-            "hostname = \"bench.test\"\ndata_dir = \"{}\"\n[dkim]\n{}[smtp]\nlisten = [\"{addr}\"]\nmax_connections_per_ip = {}\n[metrics]\nlisten = \"127.0.0.1:0\"\n[spf]\npolicy = \"off\"\n[delivery]\n{delivery}",
+            "hostname = \"bench.test\"\ndata_dir = \"{}\"\n[dkim]\n{}[smtp]\nlisten = [\"{addr}\"]\nmax_connections_per_ip = {}\n[metrics]\nlisten = \"127.0.0.1:0\"\n[spf]\npolicy = \"off\"\n[queue]\nencrypt = {encrypt}\n[delivery]\n{delivery}",
             dir.path().join("data").display(),
             extra,
             connections + 10
@@ -609,6 +618,7 @@ fn main() -> anyhow::Result<()> {
             args.connections,
             args.dkim,
             "enabled = false\n",
+            !args.no_encrypt,
         )?),
     };
     let addr = args
@@ -666,6 +676,7 @@ fn main() -> anyhow::Result<()> {
         size_kb: args.size_kb,
         connections: args.connections,
         tls: !args.no_tls,
+        encrypted: !args.no_encrypt && args.server.is_none(),
         seconds: elapsed.as_secs_f64(),
         accepted_per_second: args.messages as f64 / elapsed.as_secs_f64(),
         transaction_p50_ms: percentile(&whole, 0.50),
@@ -700,13 +711,18 @@ fn print_report(report: &Report, json: bool) -> anyhow::Result<()> {
         let opt =
             |v: Option<f64>, unit: &str| v.map_or("n/a".to_string(), |v| format!("{v:.3}{unit}"));
         println!(
-            "{} msgs of {} KiB over {} connections ({}): {:.0} msgs/s accepted in {:.2} s\n\
+            "{} msgs of {} KiB over {} connections ({}, queue {}): {:.0} msgs/s accepted in {:.2} s\n\
              time to 250: transaction p50 {:.2} ms, p99 {:.2} ms; after data p50 {:.2} ms, p99 {:.2} ms\n\
              server CPU {} = {}/msg; peak RSS {}; client CPU {:.2} s",
             report.messages,
             report.size_kb,
             report.connections,
             if report.tls { "STARTTLS" } else { "plaintext" },
+            if report.encrypted {
+                "encrypted"
+            } else {
+                "in clear"
+            },
             report.accepted_per_second,
             report.seconds,
             report.transaction_p50_ms,
@@ -783,7 +799,13 @@ fn deliver(args: &Args) -> anyhow::Result<()> {
     if let Some(n) = args.delivery_connections {
         delivery.push_str(&format!("max_connections_per_destination = {n}\n"));
     }
-    let daemon = start_daemon(&mta, args.connections, args.dkim, &delivery)?;
+    let daemon = start_daemon(
+        &mta,
+        args.connections,
+        args.dkim,
+        &delivery,
+        !args.no_encrypt,
+    )?;
     let pid = daemon.child.id();
     let tls = (!args.no_tls).then(|| TlsConnector::from(spec_tests::client::tls_config()));
     let body = Arc::new(message(args.size_kb));
@@ -846,6 +868,7 @@ fn deliver(args: &Args) -> anyhow::Result<()> {
         size_kb: args.size_kb,
         connections: args.connections,
         tls: !args.no_tls,
+        encrypted: !args.no_encrypt && args.server.is_none(),
         seconds: elapsed.as_secs_f64(),
         accepted_per_second: args.messages as f64 / elapsed.as_secs_f64(),
         transaction_p50_ms: percentile(&whole, 0.50),
@@ -884,7 +907,13 @@ fn deferred(args: &Args, n: usize) -> anyhow::Result<()> {
         .local_addr()?
         .port();
     let delivery = format!("relay_host = \"127.0.0.1:{port}\"\nretry_initial = \"1h\"\n");
-    let daemon = start_daemon(&mta, args.connections, args.dkim, &delivery)?;
+    let daemon = start_daemon(
+        &mta,
+        args.connections,
+        args.dkim,
+        &delivery,
+        !args.no_encrypt,
+    )?;
     let pid = daemon.child.id();
     let data = daemon.dir.path().join("data");
     let tls = (!args.no_tls).then(|| TlsConnector::from(spec_tests::client::tls_config()));
@@ -952,6 +981,7 @@ fn deferred(args: &Args, n: usize) -> anyhow::Result<()> {
         size_kb: args.size_kb,
         connections: args.connections,
         tls: !args.no_tls,
+        encrypted: !args.no_encrypt && args.server.is_none(),
         submit_seconds: elapsed.as_secs_f64(),
         accepted_per_second: n as f64 / elapsed.as_secs_f64(),
         transaction_p99_ms: percentile(&whole, 0.99),
