@@ -55,6 +55,9 @@ pub enum Command {
     /// Check that SPF authorises our egress IPs for the sender domains.
     #[command(subcommand)]
     Spf(SpfCommand),
+    /// The transaction log: purge old days.
+    #[command(subcommand)]
+    Log(crate::log_cli::LogCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -315,6 +318,10 @@ pub struct FilterArgs {
     /// Only messages with this envelope sender.
     #[arg(long)]
     pub sender: Option<String>,
+    /// Only messages still queued for this recipient address (for an
+    /// erasure request: `delete --recipient ADDR`).
+    #[arg(long)]
+    pub recipient: Option<String>,
     /// At most this many messages, oldest first.
     #[arg(long)]
     pub limit: Option<usize>,
@@ -334,6 +341,7 @@ impl FilterArgs {
             state: self.state.map(|s| state_name(s).to_string()),
             older_than: self.older_than,
             sender: self.sender,
+            recipient: self.recipient,
             limit: self.limit,
         })
     }
@@ -347,8 +355,8 @@ pub struct ChangeArgs {
     pub daemon: DaemonArgs,
     /// The message's queue ID; or name messages with the filters instead.
     #[arg(
-        required_unless_present_any = ["domain", "tenant", "state", "older_than", "sender", "all"],
-        conflicts_with_all = ["domain", "tenant", "state", "older_than", "sender", "limit", "all"]
+        required_unless_present_any = ["domain", "tenant", "state", "older_than", "sender", "recipient", "all"],
+        conflicts_with_all = ["domain", "tenant", "state", "older_than", "sender", "recipient", "limit", "all"]
     )]
     pub id: Option<String>,
     #[command(flatten)]
@@ -389,6 +397,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::User(UserCommand::Hash) => user_hash(),
         Command::Queue(cmd) => queue_command(cmd),
         Command::Dkim(cmd) => crate::dkim_cli::run(cmd),
+        Command::Log(cmd) => crate::log_cli::run(cmd),
         Command::Spf(SpfCommand::Check {
             domain,
             ip,
@@ -541,7 +550,7 @@ fn user_hash() -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn data_dir(daemon: &DaemonArgs) -> anyhow::Result<PathBuf> {
+pub(crate) fn data_dir(daemon: &DaemonArgs) -> anyhow::Result<PathBuf> {
     let config = load_config(daemon.config.as_deref())?;
     Ok(daemon.data_dir.clone().unwrap_or(config.data_dir))
 }

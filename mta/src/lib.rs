@@ -48,6 +48,7 @@ pub mod dkim_cli;
 pub mod dmarc;
 pub mod dns;
 pub mod log;
+pub mod log_cli;
 pub mod metrics;
 pub mod notify;
 pub mod policy;

@@ -485,7 +485,16 @@ pub fn parse_name(name: &str) -> Option<(time::Date, u32)> {
 /// Removes the log files of days before `before`; the paths removed.
 /// Retention (`[log] retention_days`) calls it hourly.
 pub fn remove_before(dir: &Path, before: time::Date) -> std::io::Result<Vec<PathBuf>> {
-    let mut removed = Vec::new();
+    let files = files_before(dir, before)?;
+    for path in &files {
+        std::fs::remove_file(path)?;
+    }
+    Ok(files)
+}
+
+/// The log files of days before `before`, sorted.
+pub fn files_before(dir: &Path, before: time::Date) -> std::io::Result<Vec<PathBuf>> {
+    let mut found = Vec::new();
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
         let day = path
@@ -494,12 +503,11 @@ pub fn remove_before(dir: &Path, before: time::Date) -> std::io::Result<Vec<Path
             .and_then(parse_name)
             .map(|(d, _)| d);
         if day.is_some_and(|d| d < before) {
-            std::fs::remove_file(&path)?;
-            removed.push(path);
+            found.push(path);
         }
     }
-    removed.sort();
-    Ok(removed)
+    found.sort();
+    Ok(found)
 }
 
 impl TransactionLog {

@@ -235,6 +235,9 @@ pub struct Filter {
     pub received_before_ms: Option<u64>,
     /// The envelope sender (case-insensitive).
     pub sender: Option<String>,
+    /// A pending recipient's address (case-insensitive): for erasure
+    /// requests, every message still queued for that address.
+    pub recipient: Option<String>,
     pub limit: Option<usize>,
 }
 
@@ -267,6 +270,14 @@ impl Filter {
         }
         if let Some(s) = &self.sender
             && !rec.sender.eq_ignore_ascii_case(s)
+        {
+            return false;
+        }
+        if let Some(a) = &self.recipient
+            && !rec
+                .recipients
+                .iter()
+                .any(|r| !r.state.is_final() && r.address.eq_ignore_ascii_case(a))
         {
             return false;
         }

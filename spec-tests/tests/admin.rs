@@ -823,3 +823,78 @@ fn the_https_listener_takes_bearer_tokens_from_curl_and_the_cli_and_records_ever
     );
     assert_eq!(last.who, me().1);
 }
+
+#[test]
+fn an_erasure_request_deletes_what_is_queued_for_an_address_and_purges_old_log_days() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = DaemonProcess::start(dir.path(), "");
+    let gone = submit(d.addr, "news@x.example", &["Erase.Me@dest.example"], "one");
+    let kept = submit(d.addr, "news@x.example", &["keep@dest.example"], "two");
+    let deleted = queue_json(&d, &["delete", "--recipient", "erase.me@DEST.example"]);
+    assert_eq!(strs(&deleted["changed"]), [gone.as_str()]);
+    assert_eq!(deleted["selector"], "recipient=erase.me@DEST.example");
+    assert_eq!(ids(&queue_json(&d, &["list"])), [kept.as_str()]);
+    let action = admin_actions(&d).pop().unwrap();
+    assert_eq!(action.recipients, ["Erase.Me@dest.example"]);
+
+    // Old days of the log (named as the daemon names them), and today's.
+    let log_dir = d.data_dir.join("log");
+    let today = time::OffsetDateTime::now_utc().date();
+    let todays = log_dir.join(mta::log::file_name(today));
+    assert!(todays.exists());
+    let old: Vec<_> = [40, 10]
+        .iter()
+        .map(|days| {
+            let p = log_dir.join(mta::log::file_name(today - time::Duration::days(*days)));
+            std::fs::copy(&todays, &p).unwrap();
+            p
+        })
+        .collect();
+    let data = d.data_dir.to_str().unwrap();
+    let cutoff = (today - time::Duration::days(20)).to_string();
+    let (code, out, err) = run_cli(
+        &[
+            "log",
+            "purge",
+            "--before",
+            &cutoff,
+            "--dry-run",
+            "--json",
+            "--data-dir",
+            data,
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["files"], serde_json::json!([old[0].to_str().unwrap()]));
+    assert!(old[0].exists(), "a dry run removed a file");
+    let (code, out, err) = run_cli(
+        &[
+            "log",
+            "purge",
+            "--before",
+            &today.to_string(),
+            "--data-dir",
+            data,
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("removed 2 file(s)"), "{out}");
+    assert!(!old[0].exists() && !old[1].exists() && todays.exists());
+
+    let tomorrow = (today + time::Duration::days(1)).to_string();
+    let (code, _, err) = run_cli(
+        &["log", "purge", "--before", &tomorrow, "--data-dir", data],
+        None,
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains("today's file is still being written"), "{err}");
+    let (code, _, err) = run_cli(
+        &["log", "purge", "--before", "last week", "--data-dir", data],
+        None,
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains("YYYY-MM-DD"), "{err}");
+}

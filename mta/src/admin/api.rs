@@ -332,6 +332,8 @@ pub struct ListQuery {
     /// A duration: `30m`, `1h`, `2d`.
     pub older_than: Option<String>,
     pub sender: Option<String>,
+    /// A pending recipient's address.
+    pub recipient: Option<String>,
     pub limit: Option<usize>,
 }
 
@@ -365,6 +367,7 @@ impl ListQuery {
                 None => None,
             },
             sender: self.sender.clone(),
+            recipient: self.recipient.clone(),
             limit: self.limit,
         })
     }
@@ -376,6 +379,7 @@ impl ListQuery {
             && self.state.is_none()
             && self.older_than.is_none()
             && self.sender.is_none()
+            && self.recipient.is_none()
     }
 
     /// The filters as words: `domain=example.com state=deferred`, or `all`.
@@ -393,13 +397,14 @@ impl ListQuery {
         }
     }
 
-    fn fields<'a>(&'a self, limit: &'a Option<String>) -> [(&'static str, &'a Option<String>); 6] {
+    fn fields<'a>(&'a self, limit: &'a Option<String>) -> [(&'static str, &'a Option<String>); 7] {
         [
             ("domain", &self.domain),
             ("tenant", &self.tenant),
             ("state", &self.state),
             ("older_than", &self.older_than),
             ("sender", &self.sender),
+            ("recipient", &self.recipient),
             ("limit", limit),
         ]
     }
@@ -418,6 +423,7 @@ impl ListQuery {
                 self.older_than = Some(v)
             }
             "sender" => self.sender = Some(v),
+            "recipient" => self.recipient = Some(v),
             "limit" => {
                 self.limit = Some(
                     v.parse()
@@ -649,7 +655,7 @@ impl Route {
                 }
                 if q.is_empty() && !all {
                     return Err(bad(
-                        "name the messages: at least one of domain, tenant, state, older_than, sender, or all=true for every message",
+                        "name the messages: at least one of domain, tenant, state, older_than, sender, recipient, or all=true for every message",
                     ));
                 }
                 Ok(Route::Bulk {
@@ -777,7 +783,15 @@ impl Route {
 }
 
 /// The filter parameters of listings and bulk actions.
-const FILTERS: &[&str] = &["domain", "tenant", "state", "older_than", "sender", "limit"];
+const FILTERS: &[&str] = &[
+    "domain",
+    "tenant",
+    "state",
+    "older_than",
+    "sender",
+    "recipient",
+    "limit",
+];
 
 fn parse_bool(name: &str, v: &str) -> Result<bool, BadRequest> {
     match v {
@@ -820,6 +834,7 @@ mod tests {
                 state: Some("held".into()),
                 older_than: Some("1h 30m".into()),
                 sender: Some("a+b@x.example".into()),
+                recipient: Some("Erase.Me@y.example".into()),
                 limit: Some(5),
             }),
             Route::Show { id, body: true },
