@@ -555,7 +555,7 @@ pub(crate) fn data_dir(daemon: &DaemonArgs) -> anyhow::Result<PathBuf> {
     Ok(daemon.data_dir.clone().unwrap_or(config.data_dir))
 }
 
-fn admin_client(daemon: &DaemonArgs) -> anyhow::Result<AdminClient> {
+pub(crate) fn admin_client(daemon: &DaemonArgs) -> anyhow::Result<AdminClient> {
     if let (Some(url), Some(ca)) = (&daemon.url, &daemon.ca_file) {
         let token = match &daemon.token_file {
             Some(f) => crate::admin::tokens::read_token("--token-file", f)?,

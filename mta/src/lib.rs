@@ -55,6 +55,7 @@ pub mod policy;
 pub mod queue_key_cli;
 pub mod queue_keys;
 pub mod reception;
+pub mod redact;
 pub mod reload;
 pub mod server;
 pub mod sign;

@@ -414,6 +414,9 @@ enum Msg {
     /// A record whose sender waits until it is written.
     Acked(Box<Record>, tokio::sync::oneshot::Sender<()>),
     Flush(mpsc::SyncSender<()>),
+    /// Run with every file closed and nothing being appended (redaction
+    /// rewrites files the writer would otherwise hold open).
+    Exclusive(Box<dyn FnOnce(&Path) + Send>),
     /// Write out what came before and stop.
     Close,
 }
@@ -567,6 +570,22 @@ impl TransactionLog {
         let _ = rx.await;
     }
 
+    /// Runs `f` on the log directory in the writer's thread, after every
+    /// record sent before and with the current file closed: records sent
+    /// meanwhile wait in the channel, and the next one reopens the day's
+    /// last part. `None` if the writer has stopped.
+    pub async fn exclusive<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Path) -> R + Send + 'static,
+    ) -> Option<R> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let job = Box::new(move |dir: &Path| {
+            let _ = tx.send(f(dir));
+        });
+        self.tx.send(Msg::Exclusive(job)).ok()?;
+        rx.await.ok()
+    }
+
     /// Waits until every record written before this call is in the file.
     pub fn flush(&self) {
         let (tx, rx) = mpsc::sync_channel(1);
@@ -685,6 +704,11 @@ fn writer(dir: PathBuf, max_bytes: u64, rx: mpsc::Receiver<Msg>) {
                 Msg::Flush(done) => {
                     files.flush();
                     let _ = done.send(());
+                }
+                Msg::Exclusive(job) => {
+                    files.flush();
+                    files.current = None;
+                    job(&files.dir);
                 }
                 Msg::Record(record) => files.append(&record),
                 Msg::Acked(record, ack) => {

@@ -18,6 +18,20 @@ use crate::cli::DaemonArgs;
 pub enum LogCommand {
     /// Remove the transaction log files of every day before DATE.
     Purge(PurgeArgs),
+    /// Replace an address in every past record by its keyed hash, for an
+    /// erasure request (running daemon).
+    Redact(RedactArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RedactArgs {
+    #[command(flatten)]
+    pub daemon: DaemonArgs,
+    /// The address to erase (matched in any case, wherever it appears).
+    #[arg(long, value_name = "ADDR")]
+    pub recipient: String,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -43,7 +57,40 @@ struct PurgeReport {
 }
 
 pub fn run(cmd: LogCommand) -> anyhow::Result<ExitCode> {
-    let LogCommand::Purge(args) = cmd;
+    match cmd {
+        LogCommand::Purge(args) => purge(args),
+        LogCommand::Redact(args) => redact(args),
+    }
+}
+
+fn redact(args: RedactArgs) -> anyhow::Result<ExitCode> {
+    let client = crate::cli::admin_client(&args.daemon)?;
+    let r: crate::redact::RedactReport = client.call(&crate::admin::Route::Redact {
+        recipient: args.recipient.clone(),
+    })?;
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        serde_json::to_writer_pretty(&mut out, &r)?;
+        writeln!(out)?;
+    } else {
+        for f in &r.files {
+            writeln!(out, "rewrote {}", f.display())?;
+        }
+        writeln!(
+            out,
+            "{} is now {} in {} record(s) ({} occurrence(s), {} file(s)); queued mail for it: `mta queue delete --recipient {}`",
+            args.recipient,
+            r.token,
+            r.records,
+            r.occurrences,
+            r.files.len(),
+            args.recipient
+        )?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn purge(args: PurgeArgs) -> anyhow::Result<ExitCode> {
     let format = time::macros::format_description!("[year]-[month]-[day]");
     let before = time::Date::parse(&args.before, format).map_err(|_| {
         anyhow::anyhow!(

@@ -354,6 +354,18 @@ impl QueueKeys {
         sync_parent(&self.path)
     }
 
+    /// A 32-byte key for another purpose, derived from the current key and
+    /// `label` (HMAC-SHA256), so that no second secret needs keeping: the
+    /// transaction log's keyed hashes of erased addresses use it. The
+    /// queue key itself never leaves this type.
+    pub fn derive(&self, label: &str) -> (KeyId, [u8; 32]) {
+        let key = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &self.keys[0].bytes);
+        let tag = aws_lc_rs::hmac::sign(&key, label.as_bytes());
+        let mut out = [0u8; 32];
+        out.copy_from_slice(tag.as_ref());
+        (self.keys[0].id, out)
+    }
+
     /// The key that seals.
     pub fn current(&self) -> KeyId {
         self.keys[0].id

@@ -1038,6 +1038,12 @@ impl Queue {
         self.inner.tree.scan_prefix([MSG]).count()
     }
 
+    /// A key derived from the queue's current encryption key for `label`
+    /// ([`QueueKeys::derive`]); `None` when the queue is not encrypted.
+    pub fn derive_key(&self, label: &str) -> Option<(KeyId, [u8; 32])> {
+        self.inner.codec.keys().map(|k| k.derive(label))
+    }
+
     pub fn is_empty(&self) -> bool {
         self.inner.tree.scan_prefix([MSG]).next().is_none()
     }

@@ -415,6 +415,13 @@ fn the_api_answers_errors_as_json_with_their_status() {
     }
 }
 
+/// Runs `mta <args> --config <the daemon's>`.
+fn queue_like(d: &DaemonProcess, args: &[&str]) -> (i32, String, String) {
+    let mut all = args.to_vec();
+    all.extend_from_slice(&["--config", d.config_path.to_str().unwrap()]);
+    run_cli(&all, None)
+}
+
 /// `mta queue <args> --json` that must fail with `code`; its stderr.
 fn queue_fails(d: &DaemonProcess, args: &[&str], code: i32) -> String {
     let (got, out, err) = queue(d, args);
@@ -836,6 +843,59 @@ fn an_erasure_request_deletes_what_is_queued_for_an_address_and_purges_old_log_d
     assert_eq!(ids(&queue_json(&d, &["list"])), [kept.as_str()]);
     let action = admin_actions(&d).pop().unwrap();
     assert_eq!(action.recipients, ["Erase.Me@dest.example"]);
+
+    // The log: every occurrence of the address becomes one keyed hash.
+    let before = read_log(&d.data_dir);
+    let (code, out, err) = queue_like(
+        &d,
+        &[
+            "log",
+            "redact",
+            "--recipient",
+            "ERASE.me@dest.example",
+            "--json",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let r: Value = serde_json::from_str(&out).unwrap();
+    let token = r["token"].as_str().unwrap().to_string();
+    assert!(token.starts_with("redacted:"), "{token}");
+    assert!(r["occurrences"].as_u64().unwrap() >= 3, "{r}");
+    let after = read_log(&d.data_dir);
+    assert_eq!(
+        after.len(),
+        before.len() + 1,
+        "records survive, plus the redact record"
+    );
+    for f in std::fs::read_dir(d.data_dir.join("log")).unwrap() {
+        let text = std::fs::read_to_string(f.unwrap().path())
+            .unwrap()
+            .to_lowercase();
+        assert!(!text.contains("erase.me@dest.example"), "{text}");
+        assert!(text.contains("keep@dest.example"));
+    }
+    let reception = after
+        .iter()
+        .find_map(|r| match r {
+            Record::Reception(x) if x.queue_id == gone => Some(x.clone()),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(reception.recipients, [token.clone()]);
+    let last = admin_actions(&d).pop().unwrap();
+    assert_eq!(last.action, "redact");
+    assert_eq!(
+        last.selector.as_deref(),
+        Some(format!("recipient={token}").as_str())
+    );
+    // The log goes on after the rewrite.
+    let later = submit(d.addr, "news@x.example", &["keep@dest.example"], "three");
+    eventually("the next Reception record", || {
+        read_log(&d.data_dir)
+            .iter()
+            .any(|r| r.kind() == "Reception" && r.queue_id() == Some(later.as_str()))
+            .then_some(())
+    });
 
     // Old days of the log (named as the daemon names them), and today's.
     let log_dir = d.data_dir.join("log");

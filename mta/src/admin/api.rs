@@ -525,6 +525,10 @@ pub enum Route {
     Resume {
         domain: String,
     },
+    /// Replaces an address in past transaction log records by its keyed hash.
+    Redact {
+        recipient: String,
+    },
 }
 
 /// Why a request was not understood: the status to answer and what to say.
@@ -664,6 +668,21 @@ impl Route {
                     all,
                 })
             }
+            ("POST", ["redact"]) => {
+                let mut recipient = None;
+                for (_, v) in query_pairs(query, &["recipient"])? {
+                    if !v.contains('@') || v.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                        return Err(bad(format!(
+                            "recipient '{v}' is not an address: write it as local@domain"
+                        )));
+                    }
+                    recipient = Some(v);
+                }
+                Ok(Route::Redact {
+                    recipient: recipient
+                        .ok_or_else(|| bad("say which address: recipient=local@domain"))?,
+                })
+            }
             ("GET", ["suspensions"]) => {
                 query_pairs(query, &[])?;
                 Ok(Route::Suspensions)
@@ -712,7 +731,8 @@ impl Route {
                 | ["messages", _, _]
                 | ["actions", _]
                 | ["suspensions"]
-                | ["suspensions", _],
+                | ["suspensions", _]
+                | ["redact"],
             ) => Err(BadRequest {
                 status: 405,
                 message: format!("{method} is not allowed on {path}"),
@@ -774,6 +794,10 @@ impl Route {
                 }
                 ("POST", target)
             }
+            Route::Redact { recipient } => (
+                "POST",
+                format!("/v1/redact?recipient={}", percent_encode(recipient)),
+            ),
             Route::Resume { domain } => (
                 "DELETE",
                 format!("/v1/suspensions/{}", percent_encode(domain)),
@@ -875,6 +899,9 @@ mod tests {
             },
             Route::Resume {
                 domain: "gmail.example".into(),
+            },
+            Route::Redact {
+                recipient: "Erase+Me@gmail.example".into(),
             },
         ];
         for r in routes {

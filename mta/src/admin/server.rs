@@ -454,6 +454,45 @@ async fn answer(state: &State, route: Route, who: &Peer) -> (u16, Vec<u8>) {
                 Err(e) => error(500, &e.to_string()),
             }
         }
+        Route::Redact { recipient } => {
+            let Some((key_id, key)) = state.queue.derive_key(crate::redact::KEY_LABEL) else {
+                return error(
+                    409,
+                    "redaction needs the queue's encryption key (the keyed hash is derived from it), and this queue is not encrypted: set [queue] encrypt = true",
+                );
+            };
+            let token = crate::redact::token(&key, &recipient);
+            let address = recipient.clone();
+            let t = token.clone();
+            let done = state
+                .log
+                .exclusive(move |dir| crate::redact::redact_dir(dir, &address, &t))
+                .await;
+            let result = match done {
+                Some(Ok(mut r)) => {
+                    r.key_id = key_id.to_string();
+                    Ok(r)
+                }
+                Some(Err(e)) => Err(format!("rewriting the transaction log: {e}")),
+                None => Err("the transaction log writer has stopped".to_string()),
+            };
+            // The record names the hash, never the address.
+            let outcome = result.as_ref().map(|_| ()).map_err(Clone::clone);
+            record(
+                state,
+                "redact",
+                "",
+                who,
+                Some(format!("recipient={token}")),
+                &outcome,
+                Vec::new(),
+            )
+            .await;
+            match result {
+                Ok(r) => ok(&r),
+                Err(e) => error(500, &e),
+            }
+        }
         Route::Resume { domain } => {
             let sus = state.delivery.suspensions().clone();
             let d = domain.clone();
