@@ -55,6 +55,9 @@ pub enum Command {
     /// Check that SPF authorises our egress IPs for the sender domains.
     #[command(subcommand)]
     Spf(SpfCommand),
+    /// Access records from the transaction log: who logged in, when, from where.
+    #[command(subcommand)]
+    Audit(crate::audit_cli::AuditCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -389,6 +392,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::User(UserCommand::Hash) => user_hash(),
         Command::Queue(cmd) => queue_command(cmd),
         Command::Dkim(cmd) => crate::dkim_cli::run(cmd),
+        Command::Audit(cmd) => crate::audit_cli::run(cmd),
         Command::Spf(SpfCommand::Check {
             domain,
             ip,
