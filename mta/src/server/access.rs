@@ -25,6 +25,20 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// A read or write that failed: the client going away (a reset, or a
+    /// TLS client closing without close_notify) is `closed`; a client that
+    /// stopped reading is `timeout`; anything else is `error`.
+    pub fn of_io_error(e: &std::io::Error) -> Outcome {
+        use std::io::ErrorKind::*;
+        match e.kind() {
+            UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe | NotConnected => {
+                Outcome::Closed
+            }
+            TimedOut => Outcome::Timeout,
+            _ => Outcome::Error,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Quit => "quit",

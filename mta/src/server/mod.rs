@@ -647,8 +647,8 @@ async fn serve(
     loop {
         let step = session.advance();
         rx.log_events(peer, &mut session, &mut tally);
-        if flush(&mut io, &mut session).await.is_err() {
-            tally.ends(Outcome::Error);
+        if let Err(e) = flush(&mut io, &mut session).await {
+            tally.ends(Outcome::of_io_error(&e));
             break;
         }
         match step {
@@ -664,8 +664,8 @@ async fn serve(
                             tally.ends(Outcome::Closed);
                             break;
                         }
-                        Ok(Err(_)) => {
-                            tally.ends(Outcome::Error);
+                        Ok(Err(e)) => {
+                            tally.ends(Outcome::of_io_error(&e));
                             break;
                         }
                         Ok(Ok(n)) => session.feed(&buf[..n]),
