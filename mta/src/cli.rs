@@ -55,9 +55,12 @@ pub enum Command {
     /// Check that SPF authorises our egress IPs for the sender domains.
     #[command(subcommand)]
     Spf(SpfCommand),
-    /// The transaction log: purge old days.
+    /// The transaction log: purge old days, redact an address.
     #[command(subcommand)]
     Log(crate::log_cli::LogCommand),
+    /// Access records from the transaction log: who logged in, when, from where.
+    #[command(subcommand)]
+    Audit(crate::audit_cli::AuditCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -398,6 +401,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Queue(cmd) => queue_command(cmd),
         Command::Dkim(cmd) => crate::dkim_cli::run(cmd),
         Command::Log(cmd) => crate::log_cli::run(cmd),
+        Command::Audit(cmd) => crate::audit_cli::run(cmd),
         Command::Spf(SpfCommand::Check {
             domain,
             ip,

@@ -30,7 +30,7 @@
 //! - [`dns`]: the resolver.
 //! - [`reload`]: what SIGHUP applies and what needs a restart.
 //! - [`config`], [`tls`], [`stream`], [`clock`], [`daemon`], [`notify`]
-//!   (systemd readiness and watchdog), [`cli`], [`dkim_cli`], [`spf_cli`].
+//!   (systemd readiness and watchdog), [`cli`], [`dkim_cli`], [`spf_cli`], [`audit_cli`] (access records).
 //!
 //! Trust boundary: everything a client sends is untrusted and passes
 //! through `smtp` and `policy` before anything is stored; what MX hosts and
@@ -38,6 +38,7 @@
 //! config file and the data directory are trusted.
 
 pub mod admin;
+pub mod audit_cli;
 pub mod auth;
 pub mod cli;
 pub mod clock;

@@ -187,6 +187,63 @@ pub struct AuthFailure {
     pub reply: LoggedReply,
 }
 
+/// A successful AUTH, written the moment it succeeds, so that `mta audit
+/// logins` shows a login while its session is still open. The session
+/// fields carry the tenant; `auth_user` is left out (it is `user`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuthSuccess {
+    #[serde(with = "time::serde::rfc3339")]
+    pub timestamp: Timestamp,
+    #[serde(flatten)]
+    pub session: SessionInfo,
+    pub mechanism: String,
+    pub user: String,
+}
+
+/// At most this many queue IDs in a Session record; `messages_accepted`
+/// still counts them all.
+pub const SESSION_MAX_QUEUE_IDS: usize = 100;
+/// At most this many distinct reply codes in a Session record's
+/// `rejected`; further ones are counted under [`SESSION_OTHER_REJECTIONS`].
+pub const SESSION_MAX_REJECTION_CODES: usize = 32;
+/// The `rejected` key of the codes beyond [`SESSION_MAX_REJECTION_CODES`].
+pub const SESSION_OTHER_REJECTIONS: &str = "other";
+
+/// The summary of one SMTP session, written once when it ends, however it
+/// ends. Connections refused at accept have no session: their CONNECT
+/// Rejection is their only record. `timestamp` is the end.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SmtpSession {
+    #[serde(with = "time::serde::rfc3339")]
+    pub timestamp: Timestamp,
+    #[serde(with = "time::serde::rfc3339")]
+    pub started: Timestamp,
+    pub duration_seconds: f64,
+    /// The state at the end: the HELO after STARTTLS, the TLS in use, the
+    /// authenticated user and tenant.
+    #[serde(flatten)]
+    pub session: SessionInfo,
+    /// Our listener the client connected to (`ip:port`).
+    pub listener: String,
+    pub messages_accepted: u32,
+    /// The first [`SESSION_MAX_QUEUE_IDS`] accepted messages.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub queue_ids: Vec<String>,
+    /// How many Rejection records the session wrote.
+    pub rejections: u32,
+    /// Those rejections by `code enhanced-code` (`550 5.7.1`, or just the
+    /// code when there is none).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub rejected: std::collections::BTreeMap<String, u32>,
+    /// How many AuthFailure records the session wrote.
+    pub auth_failures: u32,
+    /// How it ended: `quit`, `closed` (the client went away), `timeout`,
+    /// `shutdown` (421 at daemon stop), `too_many_errors`,
+    /// `too_many_auth_failures`, `tls_failed` (STARTTLS or implicit TLS
+    /// handshake), `error` (a read or write failed).
+    pub outcome: String,
+}
+
 /// One delivery attempt for one recipient: the body of the Delivery,
 /// TransientFailure, Bounce and Expiration records.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -319,6 +376,9 @@ pub enum Record {
     Reception(Reception),
     Rejection(Rejection),
     AuthFailure(AuthFailure),
+    AuthSuccess(AuthSuccess),
+    /// The end of an SMTP session: who, how, what it accepted and refused.
+    Session(SmtpSession),
     /// The receiving server accepted the recipient (final).
     Delivery(Attempt),
     /// A temporary failure; the recipient is deferred.
@@ -340,6 +400,8 @@ impl Record {
             Record::Reception(r) => r.timestamp,
             Record::Rejection(r) => r.timestamp,
             Record::AuthFailure(r) => r.timestamp,
+            Record::AuthSuccess(r) => r.timestamp,
+            Record::Session(r) => r.timestamp,
             Record::SpfChange(r) => r.timestamp,
             Record::AdminAction(r) => r.timestamp,
             Record::ConfigReload(r) => r.timestamp,
@@ -378,6 +440,8 @@ impl Record {
             Record::Reception(_) => "Reception",
             Record::Rejection(_) => "Rejection",
             Record::AuthFailure(_) => "AuthFailure",
+            Record::AuthSuccess(_) => "AuthSuccess",
+            Record::Session(_) => "Session",
             Record::Delivery(_) => "Delivery",
             Record::TransientFailure(_) => "TransientFailure",
             Record::Bounce(_) => "Bounce",

@@ -6,6 +6,7 @@
 //! connection limits, and carries out the session's steps (handshake,
 //! password check off the reactor, storing the message).
 
+mod access;
 mod limits;
 mod storage;
 
@@ -19,6 +20,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
+use access::{Outcome, Tally};
 pub use limits::{ConnectionLimits, Slot};
 pub use storage::{StorageGuard, available_bytes};
 
@@ -133,7 +135,7 @@ impl Receiver {
         })
     }
 
-    fn log_events(&self, peer: SocketAddr, session: &mut Session) {
+    fn log_events(&self, peer: SocketAddr, session: &mut Session, tally: &mut Tally) {
         for event in session.take_events() {
             let info = self.info(peer, Some(session));
             let record = match event {
@@ -144,6 +146,12 @@ impl Receiver {
                     recipient,
                 } => {
                     self.metrics.rejected(reasons::classify(command, &reply));
+                    tally.rejected(&reply);
+                    // The session's own 421 (a timeout or shutdown has
+                    // already given its reason): too many protocol errors.
+                    if reply.code == 421 {
+                        tally.ends(Outcome::TooManyErrors);
+                    }
                     let mut rec = self.reject(info, command, &reply);
                     if let Record::Rejection(r) = &mut rec {
                         r.sender = sender;
@@ -158,6 +166,10 @@ impl Receiver {
                     reply,
                 } => {
                     self.metrics.auth_failed(reason);
+                    tally.auth_failed();
+                    if reply.code == 421 {
+                        tally.ends(Outcome::TooManyAuthFailures);
+                    }
                     Record::AuthFailure(log::AuthFailure {
                         timestamp: timestamp(self.clock.as_ref()),
                         session: info,
@@ -170,6 +182,32 @@ impl Receiver {
             };
             self.log.write(record);
         }
+    }
+
+    /// The AuthSuccess record, written at once so that a login shows in
+    /// `mta audit logins` while its session is still open.
+    fn log_login(
+        &self,
+        peer: SocketAddr,
+        session: &Session,
+        mechanism: &str,
+        id: &crate::smtp::Identity,
+    ) {
+        let mut info = self.info(peer, Some(session));
+        info.auth_user = None;
+        info.tenant = Some(id.tenant.clone());
+        self.log.write(Record::AuthSuccess(log::AuthSuccess {
+            timestamp: timestamp(self.clock.as_ref()),
+            session: info,
+            mechanism: mechanism.to_string(),
+            user: id.user.clone(),
+        }));
+    }
+
+    /// Writes the Session record of a session that has ended.
+    fn end_session(&self, peer: SocketAddr, session: Option<&Session>, tally: Tally) {
+        let record = tally.finish(timestamp(self.clock.as_ref()), self.info(peer, session));
+        self.log.write(Record::Session(record));
     }
 
     /// Checks the credentials off the reactor, with the per-address throttle
@@ -580,6 +618,11 @@ async fn serve(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let ip = canonical_ip(peer.ip());
+    let listener = socket
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let mut tally = Tally::new(timestamp(rx.clock.as_ref()), listener);
     let session_peer = Peer {
         ip,
         port: peer.port(),
@@ -590,6 +633,8 @@ async fn serve(
             Ok((io, info)) => (io, Some(info)),
             Err(e) => {
                 tracing::debug!(%peer, error = %e, "implicit TLS connection failed");
+                tally.ends(Outcome::TlsFailed);
+                rx.end_session(peer, None, tally);
                 return;
             }
         }
@@ -601,8 +646,9 @@ async fn serve(
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let step = session.advance();
-        rx.log_events(peer, &mut session);
-        if flush(&mut io, &mut session).await.is_err() {
+        rx.log_events(peer, &mut session, &mut tally);
+        if let Err(e) = flush(&mut io, &mut session).await {
+            tally.ends(Outcome::of_io_error(&e));
             break;
         }
         match step {
@@ -614,24 +660,38 @@ async fn serve(
                 };
                 tokio::select! {
                     read = tokio::time::timeout(limit, io.read(&mut buf)) => match read {
-                        Ok(Ok(0)) | Ok(Err(_)) => break,
+                        Ok(Ok(0)) => {
+                            tally.ends(Outcome::Closed);
+                            break;
+                        }
+                        Ok(Err(e)) => {
+                            tally.ends(Outcome::of_io_error(&e));
+                            break;
+                        }
                         Ok(Ok(n)) => session.feed(&buf[..n]),
-                        Err(_) => session.abort(Reply::new(
-                            421,
-                            Status(4, 4, 2),
-                            format!("{} Timeout waiting for {what}; closing the connection", live.session.hostname),
-                        )),
+                        Err(_) => {
+                            tally.ends(Outcome::Timeout);
+                            session.abort(Reply::new(
+                                421,
+                                Status(4, 4, 2),
+                                format!("{} Timeout waiting for {what}; closing the connection", live.session.hostname),
+                            ));
+                        }
                     },
                     // A session in the middle of a message may finish it.
-                    _ = shutdown.wait_for(|&s| s), if !session.in_data() => session.abort(Reply::new(
-                        421,
-                        Status(4, 3, 2),
-                        format!("{} Service shutting down; try again later", live.session.hostname),
-                    )),
+                    _ = shutdown.wait_for(|&s| s), if !session.in_data() => {
+                        tally.ends(Outcome::Shutdown);
+                        session.abort(Reply::new(
+                            421,
+                            Status(4, 3, 2),
+                            format!("{} Service shutting down; try again later", live.session.hostname),
+                        ));
+                    }
                 }
             }
             Step::StartTls => {
                 let Stream::Plain(socket) = std::mem::replace(&mut io, Stream::Gone) else {
+                    tally.ends(Outcome::Error);
                     break;
                 };
                 match handshake(rx, socket).await {
@@ -641,12 +701,17 @@ async fn serve(
                     }
                     Err(e) => {
                         tracing::debug!(%peer, error = %e, "STARTTLS failed");
+                        tally.ends(Outcome::TlsFailed);
                         break;
                     }
                 }
             }
             Step::Authenticate(req) => {
+                let mechanism = req.mechanism;
                 let outcome = rx.authenticate(live, ip, req).await;
+                if let AuthOutcome::Success(id) = &outcome {
+                    rx.log_login(peer, &session, mechanism, id);
+                }
                 session.auth_result(outcome);
             }
             Step::CheckSender(sender) => {
@@ -656,12 +721,18 @@ async fn serve(
             Step::Message(env) => {
                 let info = rx.info(peer, Some(&session));
                 let result = rx.receive(live, *env, info).await;
+                match &result {
+                    Ok(id) => tally.accepted(id),
+                    // `receive` wrote the Rejection record.
+                    Err(reply) => tally.rejected(reply),
+                }
                 session.message_result(result);
             }
             Step::Close => break,
         }
     }
-    rx.log_events(peer, &mut session);
+    rx.log_events(peer, &mut session, &mut tally);
     let _ = flush(&mut io, &mut session).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), io.shutdown()).await;
+    rx.end_session(peer, Some(&session), tally);
 }
