@@ -881,7 +881,7 @@ fn an_erasure_request_deletes_what_is_queued_for_an_address_and_purges_old_log_d
             _ => None,
         })
         .unwrap();
-    assert_eq!(reception.recipients, [token.clone()]);
+    assert_eq!(reception.recipients, [token.as_str()]);
     let last = admin_actions(&d).pop().unwrap();
     assert_eq!(last.action, "redact");
     assert_eq!(
