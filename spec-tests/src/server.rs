@@ -55,6 +55,15 @@ impl TestServer {
 
     /// Starts with this config text, changed by `tweak` before start.
     pub fn start_with(toml: &str, tweak: impl FnOnce(&mut Config)) -> TestServer {
+        Self::start_with_clock(toml, tweak, Arc::new(SystemClock))
+    }
+
+    /// [`TestServer::start_with`] on an injected clock.
+    pub fn start_with_clock(
+        toml: &str,
+        tweak: impl FnOnce(&mut Config),
+        clock: Arc<dyn mta::clock::Clock>,
+    ) -> TestServer {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut config = Config::parse(toml, Path::new("test.toml")).expect("test config parses");
         config.data_dir = dir.path().join("data");
@@ -80,7 +89,7 @@ impl TestServer {
             .build()
             .expect("runtime");
         let daemon = runtime
-            .block_on(Daemon::start(&config, Arc::new(SystemClock)))
+            .block_on(Daemon::start(&config, clock))
             .expect("daemon starts");
         TestServer {
             addr: daemon.smtp_addrs[0],
