@@ -279,6 +279,9 @@ pub enum QueueCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Remove a quarantined record (see `list`) and its content for good
+    /// (running daemon).
+    DeleteQuarantined(ChangeIdArgs),
     /// Lift a suspension: the domain's mail is due now (running daemon).
     Resume {
         #[command(flatten)]
@@ -303,6 +306,16 @@ pub enum QueueCommand {
     /// Seal every queued record again under the current key and drop old
     /// keys nothing uses any more. Only while the daemon is stopped.
     Rekey(crate::queue_key_cli::RekeyArgs),
+}
+
+/// One record by its queue ID, through the running daemon.
+#[derive(Debug, Args)]
+pub struct ChangeIdArgs {
+    #[command(flatten)]
+    pub daemon: DaemonArgs,
+    pub id: String,
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Which messages: the filters of `list`, and of the changes by filter.
@@ -901,6 +914,22 @@ fn queue_command(cmd: QueueCommand) -> anyhow::Result<ExitCode> {
         QueueCommand::Retry(args) => change(&mut stdout, args, Action::Retry)?,
         QueueCommand::Delete(args) => change(&mut stdout, args, Action::Delete)?,
         QueueCommand::Bounce(args) => change(&mut stdout, args, Action::Bounce)?,
+        QueueCommand::DeleteQuarantined(args) => {
+            let id = parse_id(&args.id)?;
+            let v: QuarantineView = admin_client(&args.daemon)?
+                .call(&Route::DeleteQuarantined { id })
+                .map_err(|e| match e {
+                    ClientError::Api { status: 404, .. } => anyhow::anyhow!(
+                        "no quarantined record {id}: see the quarantine list at the end of `mta queue list`"
+                    ),
+                    e => e.into(),
+                })?;
+            if args.json {
+                write_json(&mut stdout, &v)?;
+            } else {
+                writeln!(stdout, "{id}: quarantined record and its content removed")?;
+            }
+        }
         QueueCommand::Suspend {
             daemon,
             domain,

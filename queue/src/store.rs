@@ -1297,6 +1297,37 @@ impl Queue {
         }
     }
 
+    /// Removes a quarantined record and its content, for good: what a
+    /// postmaster does after looking at it. Returns what it was.
+    pub async fn delete_quarantined(&self, id: QueueId) -> Result<Quarantined, QueueError> {
+        let removed = self.transact(|tx| {
+            let Some(v) = tx.get(key(QUAR, id))? else {
+                return Ok(None);
+            };
+            tx.remove(&key(QUAR, id))?;
+            Ok(Some(v.to_vec()))
+        })?;
+        let v = removed.ok_or(QueueError::NotFound(id))?;
+        self.inner.commit.durable().await?;
+        let q = QuarantineEntry::decode(&v);
+        // Only once the removal is durable may the content go.
+        if let Some(place) = q.as_ref().and_then(|q| content_place(id, &q.stored)) {
+            self.inner.content.release(&place);
+        }
+        Ok(match q {
+            Some(q) => Quarantined {
+                id,
+                kind: q.kind,
+                reason: q.reason,
+            },
+            None => Quarantined {
+                id,
+                kind: QuarantineKind::Forged,
+                reason: "the quarantine entry itself is damaged".into(),
+            },
+        })
+    }
+
     /// The records in quarantine, oldest first: never delivered, kept (with
     /// their content) for a postmaster.
     pub fn quarantined(&self) -> Result<Vec<Quarantined>, QueueError> {

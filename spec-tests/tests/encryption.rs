@@ -334,4 +334,45 @@ fn altered_content_is_quarantined_and_listed_never_delivered() {
     );
     assert_eq!(code, 0, "{err}");
     assert!(out.contains(&id) && out.contains("content"), "{out}");
+
+    // A postmaster removes it deliberately; that is on record.
+    let d = DaemonProcess::start(dir.path(), "");
+    let (code, out, err) = run_cli(
+        &["queue", "delete-quarantined", &id, "--data-dir", dd(&data)],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out.trim(),
+        format!("{id}: quarantined record and its content removed")
+    );
+    let (code, _, err) = run_cli(
+        &["queue", "delete-quarantined", &id, "--data-dir", dd(&data)],
+        None,
+    );
+    assert_eq!(code, 1);
+    assert!(
+        err.contains(&format!("no quarantined record {id}")),
+        "{err}"
+    );
+    let (_, out, _) = run_cli(&["queue", "list", "--data-dir", dd(&data)], None);
+    assert!(!out.contains("in quarantine"), "{out}");
+    let actions: Vec<(String, String)> = spec_tests::server::read_log(&d.data_dir)
+        .into_iter()
+        .filter_map(|r| match r {
+            mta::log::Record::AdminAction(a) if a.action == "delete-quarantined" => {
+                Some((a.queue_id, a.result))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(actions.len(), 2);
+    assert_eq!(actions[0], (id.clone(), "ok".to_string()));
+    assert!(d.terminate().success());
+    // Its content segment held nothing else: it is gone with it.
+    let live: Vec<_> = files_under(&data.join("queue/content"))
+        .into_iter()
+        .filter(|f| std::fs::metadata(f).unwrap().len() > 0 && *f == seg)
+        .collect();
+    assert!(live.is_empty(), "the quarantined content stayed: {live:?}");
 }

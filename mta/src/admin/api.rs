@@ -525,6 +525,10 @@ pub enum Route {
     Resume {
         domain: String,
     },
+    /// Removes a quarantined record for good.
+    DeleteQuarantined {
+        id: QueueId,
+    },
     /// Replaces an address in past transaction log records by its keyed hash.
     Redact {
         recipient: String,
@@ -612,6 +616,10 @@ impl Route {
             ("GET", ["quarantine"]) => {
                 query_pairs(query, &[])?;
                 Ok(Route::Quarantine)
+            }
+            ("DELETE", ["quarantine", id]) => {
+                query_pairs(query, &[])?;
+                Ok(Route::DeleteQuarantined { id: parse_id(id)? })
             }
             ("GET", ["summary"]) => {
                 let mut by = SummaryBy::Domain;
@@ -732,7 +740,8 @@ impl Route {
                 | ["actions", _]
                 | ["suspensions"]
                 | ["suspensions", _]
-                | ["redact"],
+                | ["redact"]
+                | ["quarantine", _],
             ) => Err(BadRequest {
                 status: 405,
                 message: format!("{method} is not allowed on {path}"),
@@ -794,6 +803,7 @@ impl Route {
                 }
                 ("POST", target)
             }
+            Route::DeleteQuarantined { id } => ("DELETE", format!("/v1/quarantine/{id}")),
             Route::Redact { recipient } => (
                 "POST",
                 format!("/v1/redact?recipient={}", percent_encode(recipient)),
@@ -903,6 +913,7 @@ mod tests {
             Route::Redact {
                 recipient: "Erase+Me@gmail.example".into(),
             },
+            Route::DeleteQuarantined { id },
         ];
         for r in routes {
             let (m, t) = r.to_request();

@@ -11,6 +11,9 @@
 //! | `DELETE /v1/messages/{id}` | the deleted `MessageView` (pending recipients `deleted`) |
 //! | `POST /v1/messages/{id}/bounce` | the bounced `MessageView` (pending recipients `bounced`; the sender gets a DSN) |
 //! | `POST /v1/actions/{hold\|release\|retry\|delete\|bounce}?<filters of GET /v1/messages>[&all=true]` | `BulkView`: what matched, what changed, what failed; no filter needs `all=true` |
+//! | `GET /v1/quarantine` | `[QuarantineView]`: records that will not be delivered |
+//! | `DELETE /v1/quarantine/{id}` | the removed `QuarantineView` (record and content gone for good) |
+//! | `POST /v1/redact?recipient=` | `RedactReport`: the address replaced by its keyed hash in every past log record |
 //! | `GET /v1/suspensions` | `[SuspensionView]` |
 //! | `POST /v1/suspensions/{domain}?for=4h[&reason=]` | the `SuspensionView`: no attempts to the domain until then |
 //! | `DELETE /v1/suspensions/{domain}` | `ResumeView`; its messages are due now |

@@ -454,6 +454,24 @@ async fn answer(state: &State, route: Route, who: &Peer) -> (u16, Vec<u8>) {
                 Err(e) => error(500, &e.to_string()),
             }
         }
+        Route::DeleteQuarantined { id } => {
+            let result = q.delete_quarantined(id).await;
+            let outcome = result.as_ref().map(|_| ()).map_err(|e| e.to_string());
+            record(
+                state,
+                "delete-quarantined",
+                &id.to_string(),
+                who,
+                None,
+                &outcome,
+                Vec::new(),
+            )
+            .await;
+            match result {
+                Ok(qr) => ok(&crate::admin::api::QuarantineView::from(&qr)),
+                Err(e) => queue_error(&e),
+            }
+        }
         Route::Redact { recipient } => {
             let Some((key_id, key)) = state.queue.derive_key(crate::redact::KEY_LABEL) else {
                 return error(
