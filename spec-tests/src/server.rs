@@ -250,6 +250,18 @@ impl DaemonProcess {
     /// [`DaemonProcess::start`] with extra environment variables (e.g.
     /// systemd's `NOTIFY_SOCKET`).
     pub fn start_with_env(dir: &Path, toml: &str, env: &[(&str, &str)]) -> DaemonProcess {
+        // A free port can be taken by another test between our check and
+        // the daemon's bind: then start again on other ports.
+        for _ in 0..4 {
+            if let Some(d) = Self::try_start(dir, toml, env) {
+                return d;
+            }
+        }
+        Self::try_start(dir, toml, env).expect("the daemon to find free ports")
+    }
+
+    /// One start; `None` when a port it was given was taken meanwhile.
+    fn try_start(dir: &Path, toml: &str, env: &[(&str, &str)]) -> Option<DaemonProcess> {
         let port = free_port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let data_dir = dir.join("data");
@@ -298,13 +310,19 @@ impl DaemonProcess {
             data_dir,
             stderr_path,
         };
+        let mut lost_port = false;
         eventually("the daemon to accept connections", || {
             if let Ok(Some(status)) = d.child.try_wait() {
-                panic!("the daemon exited with {status}:\n{}", d.stderr());
+                let stderr = d.stderr();
+                if stderr.contains("Address already in use") {
+                    lost_port = true;
+                    return Some(());
+                }
+                panic!("the daemon exited with {status}:\n{stderr}");
             }
-            std::net::TcpStream::connect(addr).ok()
+            std::net::TcpStream::connect(addr).ok().map(|_| ())
         });
-        d
+        (!lost_port).then_some(d)
     }
 
     pub fn stderr(&self) -> String {
