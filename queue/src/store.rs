@@ -1119,7 +1119,13 @@ impl Queue {
 
     /// [`compact`](Self::compact), blocking the calling thread.
     pub fn compact_blocking(&self) -> Result<CompactionReport, QueueError> {
-        let mut pass = self.compaction_start()?;
+        let pass = self.compaction_start()?;
+        self.run_pass_blocking(pass)
+    }
+
+    /// Copy, group commit, repoint, group commit, release, until the pass
+    /// has nothing left (compaction and rekey share these steps).
+    fn run_pass_blocking(&self, mut pass: Pass) -> Result<CompactionReport, QueueError> {
         while self.compaction_copy(&mut pass) {
             let synced = self.inner.commit.durable_blocking();
             self.compaction_repoint(&mut pass, synced);
@@ -1168,18 +1174,8 @@ impl Queue {
         };
         self.inner.commit.durable_blocking()?;
 
-        let mut pass = self.rekey_pass()?;
-        while self.compaction_copy(&mut pass) {
-            let synced = self.inner.commit.durable_blocking();
-            self.compaction_repoint(&mut pass, synced);
-            let durable = if pass.repointed.is_empty() {
-                Ok(())
-            } else {
-                self.inner.commit.durable_blocking()
-            };
-            self.compaction_release(&mut pass, durable);
-        }
-        let moved = pass.finish()?;
+        let pass = self.rekey_pass()?;
+        let moved = self.run_pass_blocking(pass)?;
         report.contents = moved.messages_moved;
         // Repointed records were sealed again with their new place.
         report.envelopes = moved.messages_moved;
