@@ -430,11 +430,25 @@ impl DeliveryConfig {
 }
 
 /// `[dns]`.
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DnsConfig {
     /// `["127.0.0.1:5353"]`; empty (default) = the system resolver.
     pub nameservers: Vec<SocketAddr>,
+    /// How long one query waits for an answer before it is sent again
+    /// (twice in all); a lookup that gets none is a temporary failure.
+    /// Default "5s".
+    #[serde(deserialize_with = "duration")]
+    pub timeout: Duration,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        DnsConfig {
+            nameservers: Vec::new(),
+            timeout: Duration::from_secs(5),
+        }
+    }
 }
 
 /// `[log]`: the transaction log.

@@ -16,7 +16,7 @@ pub fn resolver(config: &DnsConfig) -> Result<TokioResolver, String> {
     let mut opts = ResolverOpts::default();
     opts.ndots = 0;
     opts.attempts = 2;
-    opts.timeout = std::time::Duration::from_secs(5);
+    opts.timeout = config.timeout;
     // Delivery tries every address of an MX host, IPv4 and IPv6 alike.
     opts.ip_strategy = hickory_resolver::config::LookupIpStrategy::Ipv4AndIpv6;
     let builder = if config.nameservers.is_empty() {
@@ -49,6 +49,7 @@ pub fn resolver(config: &DnsConfig) -> Result<TokioResolver, String> {
 pub fn resolver_for(nameservers: &[std::net::SocketAddr]) -> Result<TokioResolver, String> {
     resolver(&DnsConfig {
         nameservers: nameservers.to_vec(),
+        ..DnsConfig::default()
     })
 }
 

@@ -139,7 +139,7 @@ pub fn compare(started: &Config, applied: &Config, new: &Config) -> Changes {
         reload: [],
     });
     sort!(d, dns: DnsConfig {
-        restart: [nameservers],
+        restart: [nameservers, timeout],
         reload: [],
     });
     sort!(d, log: LogConfig {

@@ -833,3 +833,28 @@ fn idle_destinations_are_forgotten() {
         (server.daemon().delivery().destinations() == 0).then_some(())
     });
 }
+
+#[test]
+fn a_dns_server_that_never_answers_defers_and_the_message_stays_queued() {
+    // A name server that takes queries and never answers (a UDP socket
+    // nobody reads): the lookup times out, which proves nothing about the
+    // domain, so the recipient is deferred (4.4.3), not bounced.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap();
+    let server = TestServer::start(&format!(
+        "[dns]\nnameservers = [\"{addr}\"]\ntimeout = \"1s\"\n[delivery]\nretry_initial = \"1h\"\nbounces = false\n"
+    ));
+    let id = submit(
+        &server,
+        "news@sender.test",
+        &["a@dest.test"],
+        &message("news@sender.test", "a@dest.test", "no answer"),
+    );
+    let deferred = first(&server, &id, "TransientFailure", "a@dest.test");
+    assert_eq!(deferred.reply.enhanced_code.as_deref(), Some("4.4.3"));
+    assert_eq!(deferred.scope.as_deref(), Some("destination"));
+    assert!(deferred.next_attempt.is_some());
+    let rec = server.queue().get(id.parse().unwrap()).unwrap();
+    assert_eq!(rec.recipients[0].state, queue::RecipientState::Deferred);
+    drop(silent);
+}
