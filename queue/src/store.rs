@@ -916,12 +916,7 @@ impl Queue {
                     tx.insert(&sched_key(due, id), &[])?;
                 }
             }
-            let bytes = self
-                .inner
-                .codec
-                .encode(&rec)
-                .map_err(ConflictableTransactionError::Abort)?;
-            tx.insert(&key(MSG, id), bytes)?;
+            self.put_record(tx, id, &rec)?;
             let now = Some(Contribution::of(&rec));
             Ok((
                 AfterOutcome::Pending { next_due_ms: next },
@@ -938,6 +933,23 @@ impl Queue {
         if let Some(g) = &self.inner.gauges {
             g.changed(before, after);
         }
+    }
+
+    /// Writes `rec`, sealed when the store is, as message `id` inside a
+    /// transaction.
+    fn put_record(
+        &self,
+        tx: &TransactionalTree,
+        id: QueueId,
+        rec: &MessageRecord,
+    ) -> Result<(), ConflictableTransactionError<QueueError>> {
+        let bytes = self
+            .inner
+            .codec
+            .encode(rec)
+            .map_err(ConflictableTransactionError::Abort)?;
+        tx.insert(&key(MSG, id), bytes)?;
+        Ok(())
     }
 
     fn transact<T>(
@@ -1201,12 +1213,7 @@ impl Queue {
                 let Ok(rec) = self.inner.codec.decode(id, &bytes) else {
                     return Ok(false);
                 };
-                let bytes = self
-                    .inner
-                    .codec
-                    .encode(&rec)
-                    .map_err(ConflictableTransactionError::Abort)?;
-                tx.insert(&key(MSG, id), bytes)?;
+                self.put_record(tx, id, &rec)?;
                 Ok(true)
             })?;
             report.envelopes += usize::from(resealed);
@@ -1526,12 +1533,7 @@ impl Queue {
                     return Ok(false);
                 }
                 rec.content = new;
-                let bytes = self
-                    .inner
-                    .codec
-                    .encode(&rec)
-                    .map_err(ConflictableTransactionError::Abort)?;
-                tx.insert(&key(MSG, id), bytes)?;
+                self.put_record(tx, id, &rec)?;
                 Ok(true)
             });
             match result {
