@@ -264,12 +264,12 @@ fn a_config_that_does_not_load_is_refused_whole_and_the_old_one_stays() {
         "{error}"
     );
     assert!(r.changed.is_empty() && r.tls_certificate_sha256.is_none());
-    assert!(
+    // Logged after the record is written.
+    eventually("the refusal in the daemon's log", || {
         d.stderr()
-            .contains("the new configuration is refused; the running configuration"),
-        "{}",
-        d.stderr()
-    );
+            .contains("the new configuration is refused; the running configuration")
+            .then_some(())
+    });
     still_old(&d);
 
     // A certificate file that is not there.
