@@ -128,6 +128,9 @@ pub struct SunkMessage {
     pub peer: SocketAddr,
     /// Which connection (1, 2, ...) carried it, so tests can see reuse.
     pub connection: u64,
+    /// When the sink took it, just before its 250: tests that kill the
+    /// daemon tell deliveries in flight at a kill from the others by it.
+    pub received_at: Instant,
 }
 
 /// A running SMTP sink; stops when dropped.
@@ -818,6 +821,7 @@ impl Session {
             helo: self.helo.clone().unwrap_or_default(),
             peer: self.peer,
             connection: self.connection,
+            received_at: Instant::now(),
         };
         // Recorded before the reply, as a real server commits before 250.
         let id = self.shared.record(message);
