@@ -1,5 +1,6 @@
 //! SMTP AUTH accounts: argon2id password hashes, verification, and the
-//! per-address failure throttle.
+//! failure throttle (per client address, IPv6 per /64, and per user name
+//! from addresses that user has not logged in from).
 //!
 //! Trust boundary: user names and passwords come from remote clients. A
 //! password is only ever handed to argon2 and dropped; it is never logged,
@@ -121,72 +122,188 @@ impl Users {
     }
 }
 
-/// Counts failed AUTH attempts per client address within a window.
-#[derive(Debug)]
-pub struct AuthThrottle {
-    /// The limit and the window, replaced on SIGHUP; the counts stay.
-    limits: Mutex<(u32, Duration)>,
-    failures: Mutex<HashMap<IpAddr, VecDeque<Instant>>>,
+/// Why the throttle refuses an AUTH before the password is even checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lockout {
+    /// Too many failures from this client address (an IPv6 client's /64).
+    Address,
+    /// Too many failures for this user name, from addresses it has not
+    /// logged in from: a guessing attack spread over many addresses.
+    User,
 }
 
-/// Addresses tracked at most; beyond this the oldest entries are dropped, so
-/// an attacker spraying from many addresses cannot exhaust memory.
+/// The throttle's limits, replaced on SIGHUP; the counts stay.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    per_address: u32,
+    per_user: u32,
+    window: Duration,
+}
+
+/// Counts failed AUTH attempts per client address and per user name within
+/// a window, and remembers where each user last logged in, so that a
+/// guessing attack on one account from many addresses locks the attackers
+/// out without locking out the account's own clients.
+#[derive(Debug)]
+pub struct AuthThrottle {
+    limits: Mutex<Limits>,
+    state: Mutex<Counts>,
+}
+
+#[derive(Debug, Default)]
+struct Counts {
+    by_address: HashMap<IpAddr, VecDeque<Instant>>,
+    by_user: HashMap<String, VecDeque<Instant>>,
+    /// (user, address) → the last successful login.
+    known: HashMap<(String, IpAddr), Instant>,
+}
+
+/// Entries tracked at most per map; beyond this the stale ones are dropped
+/// (and if none is stale, all), so an attacker spraying from many
+/// addresses or user names cannot exhaust memory.
 const MAX_TRACKED: usize = 100_000;
 
+/// How long a successful login from an address keeps that address exempt
+/// from its user's lockout.
+const KNOWN_FOR: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// User names are kept to this many bytes: a client picks them.
+const MAX_USER_KEY: usize = 256;
+
+/// The unit an address is counted in: one IPv4 address, or the /64 an
+/// IPv6 address is in (one host usually holds a whole /64). IPv4-mapped
+/// IPv6 addresses count as the IPv4 address.
+pub fn source_of(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let bits = u128::from(v6) & !((1u128 << 64) - 1);
+                IpAddr::V6(bits.into())
+            }
+        },
+    }
+}
+
+fn user_key(user: &str) -> String {
+    let mut end = user.len().min(MAX_USER_KEY);
+    while !user.is_char_boundary(end) {
+        end -= 1;
+    }
+    user[..end].to_string()
+}
+
+fn prune(q: &mut VecDeque<Instant>, window: Duration, now: Instant) {
+    while q
+        .front()
+        .is_some_and(|&t| now.saturating_duration_since(t) >= window)
+    {
+        q.pop_front();
+    }
+}
+
+/// Adds a failure at `now` under `key`, keeping the map bounded.
+fn count<K: std::hash::Hash + Eq>(
+    map: &mut HashMap<K, VecDeque<Instant>>,
+    key: K,
+    window: Duration,
+    now: Instant,
+) {
+    if map.len() >= MAX_TRACKED && !map.contains_key(&key) {
+        map.retain(|_, q| {
+            prune(q, window, now);
+            !q.is_empty()
+        });
+        if map.len() >= MAX_TRACKED {
+            map.clear();
+        }
+    }
+    let q = map.entry(key).or_default();
+    prune(q, window, now);
+    q.push_back(now);
+}
+
+fn reached<K: std::hash::Hash + Eq>(
+    map: &mut HashMap<K, VecDeque<Instant>>,
+    key: &K,
+    max: u32,
+    window: Duration,
+    now: Instant,
+) -> bool {
+    map.get_mut(key).is_some_and(|q| {
+        prune(q, window, now);
+        q.len() as u32 >= max
+    })
+}
+
 impl AuthThrottle {
-    pub fn new(max: u32, window: Duration) -> Self {
+    pub fn new(per_address: u32, per_user: u32, window: Duration) -> Self {
         AuthThrottle {
-            limits: Mutex::new((max, window)),
-            failures: Mutex::new(HashMap::new()),
+            limits: Mutex::new(Limits {
+                per_address,
+                per_user,
+                window,
+            }),
+            state: Mutex::new(Counts::default()),
         }
     }
 
     /// New limits (SIGHUP): the failures counted so far still count.
-    pub fn set_limits(&self, max: u32, window: Duration) {
-        *self.limits.lock().expect("throttle lock") = (max, window);
+    pub fn set_limits(&self, per_address: u32, per_user: u32, window: Duration) {
+        *self.limits.lock().expect("throttle lock") = Limits {
+            per_address,
+            per_user,
+            window,
+        };
     }
 
-    fn limits(&self) -> (u32, Duration) {
+    fn limits(&self) -> Limits {
         *self.limits.lock().expect("throttle lock")
     }
 
-    fn prune(q: &mut VecDeque<Instant>, window: Duration, now: Instant) {
-        while q
-            .front()
-            .is_some_and(|&t| now.saturating_duration_since(t) >= window)
-        {
-            q.pop_front();
+    /// Is an AUTH as `user` from `ip` refused before its password is
+    /// checked? The same answer whether or not the user exists, so the
+    /// lockout tells a guesser nothing about the accounts.
+    pub fn check(&self, ip: IpAddr, user: &str, now: Instant) -> Option<Lockout> {
+        let l = self.limits();
+        let source = source_of(ip);
+        let mut c = self.state.lock().expect("throttle lock");
+        if reached(&mut c.by_address, &source, l.per_address, l.window, now) {
+            return Some(Lockout::Address);
         }
-    }
-
-    /// Has this address used up its attempts?
-    pub fn is_locked(&self, ip: IpAddr, now: Instant) -> bool {
-        let (max, window) = self.limits();
-        let mut map = self.failures.lock().expect("throttle lock");
-        match map.get_mut(&ip) {
-            Some(q) => {
-                Self::prune(q, window, now);
-                q.len() as u32 >= max
-            }
-            None => false,
-        }
-    }
-
-    pub fn record_failure(&self, ip: IpAddr, now: Instant) {
-        let (_, window) = self.limits();
-        let mut map = self.failures.lock().expect("throttle lock");
-        if map.len() >= MAX_TRACKED && !map.contains_key(&ip) {
-            map.retain(|_, q| {
-                Self::prune(q, window, now);
-                !q.is_empty()
-            });
-            if map.len() >= MAX_TRACKED {
-                map.clear();
+        let user = user_key(user);
+        if reached(&mut c.by_user, &user, l.per_user, l.window, now) {
+            let known = c
+                .known
+                .get(&(user, source))
+                .is_some_and(|&t| now.saturating_duration_since(t) < KNOWN_FOR);
+            if !known {
+                return Some(Lockout::User);
             }
         }
-        let q = map.entry(ip).or_default();
-        Self::prune(q, window, now);
-        q.push_back(now);
+        None
+    }
+
+    pub fn record_failure(&self, ip: IpAddr, user: &str, now: Instant) {
+        let l = self.limits();
+        let mut c = self.state.lock().expect("throttle lock");
+        count(&mut c.by_address, source_of(ip), l.window, now);
+        count(&mut c.by_user, user_key(user), l.window, now);
+    }
+
+    /// A login succeeded: its address stays exempt from its user's lockout
+    /// for a week.
+    pub fn record_success(&self, ip: IpAddr, user: &str, now: Instant) {
+        let mut c = self.state.lock().expect("throttle lock");
+        if c.known.len() >= MAX_TRACKED {
+            c.known
+                .retain(|_, t| now.saturating_duration_since(*t) < KNOWN_FOR);
+            if c.known.len() >= MAX_TRACKED {
+                c.known.clear();
+            }
+        }
+        c.known.insert((user_key(user), source_of(ip)), now);
     }
 }
 
@@ -234,26 +351,93 @@ mod tests {
     }
 
     #[test]
-    fn throttle_locks_after_max_failures_within_the_window() {
-        let t = AuthThrottle::new(3, Duration::from_secs(60));
+    fn throttle_locks_an_address_after_max_failures_within_the_window() {
+        let t = AuthThrottle::new(3, 1000, Duration::from_secs(60));
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
         let other: IpAddr = "192.0.2.2".parse().unwrap();
         let t0 = Instant::now();
         for i in 0..3 {
-            assert!(!t.is_locked(ip, t0 + Duration::from_secs(i)));
-            t.record_failure(ip, t0 + Duration::from_secs(i));
+            assert_eq!(t.check(ip, "u", t0 + Duration::from_secs(i)), None);
+            t.record_failure(ip, "u", t0 + Duration::from_secs(i));
         }
-        assert!(t.is_locked(ip, t0 + Duration::from_secs(3)));
-        assert!(!t.is_locked(other, t0 + Duration::from_secs(3)));
+        let at3 = t0 + Duration::from_secs(3);
+        assert_eq!(t.check(ip, "u", at3), Some(Lockout::Address));
+        // Whatever user it tries next.
+        assert_eq!(t.check(ip, "v", at3), Some(Lockout::Address));
+        assert_eq!(t.check(other, "u", at3), None);
         // The first failure leaves the window at t0+60.
-        assert!(!t.is_locked(ip, t0 + Duration::from_secs(60)));
+        assert_eq!(t.check(ip, "u", t0 + Duration::from_secs(60)), None);
         // A lowered limit (SIGHUP) keeps the counts: the two failures still
         // in the window and one more reach 3 of 3.
-        t.set_limits(3, Duration::from_secs(120));
-        assert!(!t.is_locked(ip, t0 + Duration::from_secs(60)));
-        t.record_failure(ip, t0 + Duration::from_secs(60));
-        assert!(t.is_locked(ip, t0 + Duration::from_secs(61)));
-        t.set_limits(4, Duration::from_secs(120));
-        assert!(!t.is_locked(ip, t0 + Duration::from_secs(61)));
+        t.set_limits(3, 1000, Duration::from_secs(120));
+        assert_eq!(t.check(ip, "u", t0 + Duration::from_secs(60)), None);
+        t.record_failure(ip, "u", t0 + Duration::from_secs(60));
+        let at61 = t0 + Duration::from_secs(61);
+        assert_eq!(t.check(ip, "u", at61), Some(Lockout::Address));
+        t.set_limits(4, 1000, Duration::from_secs(120));
+        assert_eq!(t.check(ip, "u", at61), None);
+    }
+
+    #[test]
+    fn an_ipv6_client_is_counted_by_its_64() {
+        let t = AuthThrottle::new(2, 1000, Duration::from_secs(60));
+        let now = Instant::now();
+        t.record_failure("2001:db8:1:2::1".parse().unwrap(), "u", now);
+        t.record_failure("2001:db8:1:2:ffff::7".parse().unwrap(), "u", now);
+        let same_64: IpAddr = "2001:db8:1:2:abcd::9".parse().unwrap();
+        assert_eq!(t.check(same_64, "u", now), Some(Lockout::Address));
+        let next_64: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(t.check(next_64, "u", now), None);
+        // An IPv4-mapped address is the IPv4 address.
+        let v4: IpAddr = "192.0.2.9".parse().unwrap();
+        let mapped: IpAddr = "::ffff:192.0.2.9".parse().unwrap();
+        assert_eq!(source_of(mapped), v4);
+    }
+
+    #[test]
+    fn guessing_one_user_from_many_addresses_locks_out_all_but_its_known_addresses() {
+        let t = AuthThrottle::new(3, 5, Duration::from_secs(60));
+        let now = Instant::now();
+        let home: IpAddr = "198.51.100.7".parse().unwrap();
+        t.record_success(home, "acme-app", now);
+        // Five guesses from five addresses: none reaches its address limit.
+        for i in 0..5u8 {
+            let ip = IpAddr::from([203, 0, 113, i]);
+            assert_eq!(t.check(ip, "acme-app", now), None);
+            t.record_failure(ip, "acme-app", now);
+        }
+        // A sixth address is refused for this user, even before its
+        // password is checked...
+        let new = IpAddr::from([203, 0, 113, 99]);
+        assert_eq!(t.check(new, "acme-app", now), Some(Lockout::User));
+        // ...but may try another user, and the user's own client, which
+        // logged in before, is not locked out.
+        assert_eq!(t.check(new, "bank-app", now), None);
+        assert_eq!(t.check(home, "acme-app", now), None);
+        // A known address stops being known after a week.
+        let later = now + KNOWN_FOR;
+        for i in 0..5u8 {
+            t.record_failure(IpAddr::from([203, 0, 113, i]), "acme-app", later);
+        }
+        assert_eq!(t.check(home, "acme-app", later), Some(Lockout::User));
+        // The user's failures leave the window like the address's.
+        assert_eq!(
+            t.check(new, "acme-app", later + Duration::from_secs(60)),
+            None
+        );
+    }
+
+    #[test]
+    fn user_names_are_kept_bounded() {
+        let t = AuthThrottle::new(100, 1, Duration::from_secs(60));
+        let now = Instant::now();
+        let long = "é".repeat(1000);
+        t.record_failure("192.0.2.1".parse().unwrap(), &long, now);
+        // Counted under its first 256 bytes, cut at a character boundary.
+        let prefix = format!("{}x", "é".repeat(128));
+        assert_eq!(
+            t.check("192.0.2.2".parse().unwrap(), &prefix, now),
+            Some(Lockout::User)
+        );
     }
 }

@@ -104,8 +104,15 @@ pub struct SmtpConfig {
     /// Failed AUTH attempts in one session before it is closed. Default 3.
     pub max_auth_failures: u32,
     /// Failed AUTH attempts from one IP address within `auth_failure_window`
-    /// before further attempts are refused with 421. Default 10.
+    /// before further attempts are refused with 421. An IPv6 client counts
+    /// by its /64. Default 10.
     pub max_auth_failures_per_ip: u32,
+    /// Failed AUTH attempts for one user name, from any addresses, within
+    /// `auth_failure_window` before further attempts as that user are
+    /// refused with 454 from every address that has not logged in as it in
+    /// the last 7 days (a guessing attack spread over many addresses;
+    /// the account's own clients keep working). Default 30.
+    pub max_auth_failures_per_user: u32,
     /// Default "15m".
     #[serde(deserialize_with = "duration")]
     pub auth_failure_window: Duration,
@@ -145,6 +152,7 @@ impl Default for SmtpConfig {
             max_errors: 20,
             max_auth_failures: 3,
             max_auth_failures_per_ip: 10,
+            max_auth_failures_per_user: 30,
             auth_failure_window: Duration::from_secs(900),
             auth_failure_delay: Duration::from_secs(2),
             shutdown_grace: Duration::from_secs(30),
@@ -718,10 +726,15 @@ impl Config {
                     .into(),
             ));
         }
-        if s.max_connections_per_ip == 0 || s.max_errors == 0 || s.max_auth_failures == 0 {
+        if s.max_connections_per_ip == 0
+            || s.max_errors == 0
+            || s.max_auth_failures == 0
+            || s.max_auth_failures_per_ip == 0
+            || s.max_auth_failures_per_user == 0
+        {
             return Err((
                 None,
-                "[smtp] max_connections_per_ip, max_errors and max_auth_failures must be above 0"
+                "[smtp] max_connections_per_ip, max_errors, max_auth_failures, max_auth_failures_per_ip and max_auth_failures_per_user must be above 0"
                     .into(),
             ));
         }

@@ -409,7 +409,11 @@ impl Daemon {
         let live = live(config, users, &server_tls, storage.flag(), check_sender);
         let receiver = Arc::new(Receiver {
             live: std::sync::RwLock::new(Arc::new(live)),
-            throttle: AuthThrottle::new(s.max_auth_failures_per_ip, s.auth_failure_window),
+            throttle: AuthThrottle::new(
+                s.max_auth_failures_per_ip,
+                s.max_auth_failures_per_user,
+                s.auth_failure_window,
+            ),
             limits: ConnectionLimits::new(s.max_connections, s.max_connections_per_ip),
             queue,
             log,
@@ -724,9 +728,11 @@ impl Daemon {
         self.receiver
             .limits
             .set_limits(s.max_connections, s.max_connections_per_ip);
-        self.receiver
-            .throttle
-            .set_limits(s.max_auth_failures_per_ip, s.auth_failure_window);
+        self.receiver.throttle.set_limits(
+            s.max_auth_failures_per_ip,
+            s.max_auth_failures_per_user,
+            s.auth_failure_window,
+        );
         let dkim_keys = ring.keys().len();
         self.receiver.signer.replace(ring, signing_policy(&config));
         let live = live(

@@ -100,6 +100,7 @@ pub fn compare(started: &Config, applied: &Config, new: &Config) -> Changes {
             max_errors,
             max_auth_failures,
             max_auth_failures_per_ip,
+            max_auth_failures_per_user,
             auth_failure_window,
             auth_failure_delay,
             shutdown_grace,

@@ -172,6 +172,72 @@ fn failed_auth_is_delayed_counted_per_session_and_per_address() {
 }
 
 #[test]
+fn guessing_one_password_from_many_addresses_locks_out_the_guessers_not_the_client() {
+    // A brute force spread over many addresses, each staying under
+    // max_auth_failures_per_ip: the user name's own limit catches it.
+    let server = TestServer::start(&format!(
+        "[smtp]\nrelay_networks = []\nmax_auth_failures_per_ip = 2\nmax_auth_failures_per_user = 4\nauth_failure_delay = \"10ms\"\n{}",
+        tenants_toml()
+    ));
+    let login = |from: &str, password: &str| {
+        let mut c = Client::connect_from(ip(from), server.addr).unwrap();
+        c.ehlo();
+        c.starttls();
+        c.ehlo();
+        let r = c.auth_plain("acme-app", password);
+        (c, r)
+    };
+    // The platform's own client logs in first.
+    let (_, r) = login("127.0.0.1", "s3cret");
+    assert_eq!(r.code, 235, "{r}");
+    for n in 10..14 {
+        let (_, r) = login(&format!("127.0.0.{n}"), &format!("guess{n}"));
+        assert_eq!((r.code, r.enhanced()), (535, Some("5.7.8")), "{r}");
+    }
+    // A fifth address is refused before its password is checked: even the
+    // right one gets 454, as a wrong one and an unknown user's would.
+    let (_, r) = login("127.0.0.20", "s3cret");
+    assert_eq!((r.code, r.enhanced()), (454, Some("4.7.0")), "{r}");
+    let (_, r) = login("127.0.0.21", "wrong");
+    assert_eq!((r.code, r.enhanced()), (454, Some("4.7.0")), "{r}");
+    // The known client still logs in and sends.
+    let (mut c, r) = login("127.0.0.1", "s3cret");
+    assert_eq!(r.code, 235, "{r}");
+    let replies = c.send_message(
+        "news@acme.example",
+        &["a@dest.example"],
+        &message("news@acme.example", "a@dest.example", "still works"),
+    );
+    queued_id(replies.last().unwrap());
+
+    let failures = server.wait_for("six AuthFailure records", |rs| {
+        let f: Vec<_> = rs
+            .iter()
+            .filter_map(|r| match r {
+                Record::AuthFailure(f) => Some(f.clone()),
+                _ => None,
+            })
+            .collect();
+        (f.len() == 6).then_some(f)
+    });
+    let locked: Vec<_> = failures
+        .iter()
+        .filter(|f| f.reason == "user locked out")
+        .map(|f| f.session.peer_ip.as_str())
+        .collect();
+    assert_eq!(locked, ["127.0.0.20", "127.0.0.21"]);
+    let scrape = server.scrape();
+    assert_eq!(
+        spec_tests::server::metric(
+            &scrape,
+            "mta_auth_failures_total{reason=\"user_locked_out\"}"
+        ),
+        Some(2.0),
+        "{scrape}"
+    );
+}
+
+#[test]
 fn connection_limits_in_total_and_per_address() {
     let server = TestServer::start("[smtp]\nmax_connections = 3\nmax_connections_per_ip = 2\n");
     let a1 = Client::connect(server.addr);

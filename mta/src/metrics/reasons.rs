@@ -22,7 +22,8 @@ pub enum RejectReason {
     /// AUTH before STARTTLS (538 5.7.11).
     TlsRequired,
     /// Failed credentials, a refused authorization identity, or an address
-    /// locked out after failures (535 5.7.8, 421 4.7.0).
+    /// or user name locked out after failures (535 5.7.8, 421 4.7.0,
+    /// 454 4.7.0).
     AuthFailed,
     /// The password check itself failed (454 4.7.0).
     AuthTempFail,
@@ -153,15 +154,17 @@ pub fn auth_failure_label(reason: &str) -> &'static str {
         "invalid credentials" => "invalid_credentials",
         "authorization identity refused" => "authzid_refused",
         "address locked out" => "locked_out",
+        "user locked out" => "user_locked_out",
         _ => "other",
     }
 }
 
 /// Every AUTH failure label.
-pub const AUTH_FAILURE_LABELS: [&str; 4] = [
+pub const AUTH_FAILURE_LABELS: [&str; 5] = [
     "invalid_credentials",
     "authzid_refused",
     "locked_out",
+    "user_locked_out",
     "other",
 ];
 

@@ -210,12 +210,19 @@ impl Receiver {
         self.log.write(Record::Session(record));
     }
 
-    /// Checks the credentials off the reactor, with the per-address throttle
-    /// and the delay after a failure.
+    /// Checks the credentials off the reactor, with the throttle (per
+    /// address and per user name) and the delay after a failure.
     async fn authenticate(&self, live: &Live, ip: IpAddr, req: AuthRequest) -> AuthOutcome {
         let now = Instant::now();
-        if self.throttle.is_locked(ip, now) {
-            return AuthOutcome::Locked;
+        match self.throttle.check(ip, &req.user, now) {
+            Some(crate::auth::Lockout::Address) => return AuthOutcome::Locked,
+            Some(crate::auth::Lockout::User) => {
+                // Delayed like a failure, so the lockout costs a guesser
+                // the same time as a wrong password.
+                tokio::time::sleep(live.timeouts.auth_failure_delay).await;
+                return AuthOutcome::UserLocked;
+            }
+            None => {}
         }
         let users = live.users.clone();
         let (user, password) = (req.user.clone(), req.password);
@@ -229,12 +236,13 @@ impl Receiver {
         };
         let reason = match identity {
             Some(id) if req.authzid.as_ref().is_none_or(|z| *z == id.user) => {
+                self.throttle.record_success(ip, &id.user, now);
                 return AuthOutcome::Success(id);
             }
             Some(_) => "authorization identity refused",
             None => "invalid credentials",
         };
-        self.throttle.record_failure(ip, now);
+        self.throttle.record_failure(ip, &req.user, now);
         tokio::time::sleep(live.timeouts.auth_failure_delay).await;
         AuthOutcome::Failure { reason }
     }

@@ -111,6 +111,9 @@ pub enum AuthOutcome {
     },
     /// Too many failures from this address: the session is closed.
     Locked,
+    /// Too many failures for this user name from addresses it has not
+    /// logged in from: refused for now, counted as a failure of the session.
+    UserLocked,
     /// The check itself failed.
     TempFail,
 }
@@ -730,20 +733,33 @@ impl Session {
     }
 
     fn data(&mut self) {
-        match &self.tx {
-            None => self.reply(replies::bad_sequence(
-                "Send MAIL FROM and RCPT TO before DATA",
-            )),
+        let refusal = match &self.tx {
+            None => replies::bad_sequence("Send MAIL FROM and RCPT TO before DATA"),
             Some(tx) if tx.chunks.is_some() => {
-                self.reply(replies::bad_sequence("DATA after BDAT: send RSET first"))
+                replies::bad_sequence("DATA after BDAT: send RSET first")
             }
             Some(tx) if tx.recipients.is_empty() => {
-                self.reply(Reply::new(554, Status(5, 5, 1), "No valid recipients"))
+                Reply::new(554, Status(5, 5, 1), "No valid recipients")
             }
             Some(_) => {
                 self.reply(Reply::plain(354, "End data with <CR><LF>.<CR><LF>"));
                 self.state = State::Data(DataReader::new(self.cfg.max_message_size));
+                return;
             }
+        };
+        self.reply(refusal);
+        // RFC 2920 §3.1: DATA ends a pipelined group, so bytes already here
+        // after a refused DATA were sent before its reply: content meant
+        // for a 354 that did not come. Read as commands they would run (a
+        // RCPT TO and a DATA in the content would queue it), so the session
+        // is closed instead. After a 354, early content is just content.
+        if !self.pending().is_empty() && !self.closing {
+            self.reply(Reply::new(
+                421,
+                Status(4, 5, 0),
+                "Content sent before the reply to DATA; wait for 354 (RFC 2920 section 3.1). Closing the connection",
+            ));
+            self.closing = true;
         }
     }
 
@@ -1057,6 +1073,25 @@ impl Session {
                     "Temporary authentication failure; try again later",
                 ));
                 return;
+            }
+            AuthOutcome::UserLocked => {
+                self.auth_failures += 1;
+                if self.auth_failures >= self.cfg.max_auth_failures {
+                    self.closing = true;
+                    let r = Reply::new(
+                        421,
+                        Status(4, 7, 0),
+                        "Too many failed authentication attempts; closing the connection",
+                    );
+                    (r, "user locked out")
+                } else {
+                    let r = Reply::new(
+                        454,
+                        Status(4, 7, 0),
+                        "Too many failed logins as this user from new addresses; try again later, or from an address that has logged in as it before",
+                    );
+                    (r, "user locked out")
+                }
             }
             AuthOutcome::Failure { reason } => {
                 self.auth_failures += 1;

@@ -389,6 +389,28 @@ fn a_locked_out_address_is_disconnected() {
 }
 
 #[test]
+fn a_user_locked_out_is_refused_454_and_counts_as_a_failure_of_the_session() {
+    let mut t = T::new(config(), false, true);
+    t.say("EHLO c\r\n");
+    t.send(b"AUTH PLAIN AHUAcA==\r\n");
+    t.s.auth_result(AuthOutcome::UserLocked);
+    assert!(t.out().starts_with("454 4.7.0"));
+    let events = t.s.take_events();
+    assert!(
+        events.iter().any(
+            |e| matches!(e, Event::AuthFailed { reason: "user locked out", reply, .. } if reply.code == 454)
+        ),
+        "{events:?}"
+    );
+    // The session goes on, and its own failure limit (2 here) still
+    // applies.
+    t.send(b"AUTH PLAIN AHUAcA==\r\n");
+    t.s.auth_result(AuthOutcome::UserLocked);
+    assert!(t.out().contains("421 4.7.0"), "after max_auth_failures");
+    assert!(matches!(t.s.advance(), Step::Close));
+}
+
+#[test]
 fn without_auth_only_relay_networks_may_send() {
     let mut t = T::new(config(), false, false);
     t.say("EHLO c\r\n");
