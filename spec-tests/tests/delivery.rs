@@ -858,3 +858,68 @@ fn a_dns_server_that_never_answers_defers_and_the_message_stays_queued() {
     assert_eq!(rec.recipients[0].state, queue::RecipientState::Deferred);
     drop(silent);
 }
+
+#[test]
+fn a_dns_server_answering_servfail_defers() {
+    // RFC 1035 §4.1.1 RCODE 2 (server failure): the name server could not
+    // answer, which proves nothing about the domain, so the recipient is
+    // deferred (4.4.3) and stays queued; NXDOMAIN would have bounced it.
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = socket.local_addr().unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let responder = {
+        let (stop, answered) = (stop.clone(), answered.clone());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 512];
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let Ok((n, from)) = socket.recv_from(&mut buf) else {
+                    continue;
+                };
+                if n < 12 {
+                    continue;
+                }
+                // The query itself, turned into a response (QR, RA) with
+                // RCODE 2 and no records: the question section stays.
+                let mut reply = buf[..n].to_vec();
+                reply[2] |= 0x80;
+                reply[3] = 0x80 | 2;
+                reply[6..12].fill(0);
+                // Only the question section: drop an EDNS OPT record.
+                let question_end = 12 + question_len(&reply[12..]);
+                reply.truncate(question_end);
+                let _ = socket.send_to(&reply, from);
+                answered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        })
+    };
+    let server = TestServer::start(&format!(
+        "[dns]\nnameservers = [\"{addr}\"]\n[delivery]\nretry_initial = \"1h\"\nbounces = false\n"
+    ));
+    let id = submit(
+        &server,
+        "news@sender.test",
+        &["a@dest.test"],
+        &message("news@sender.test", "a@dest.test", "servfail"),
+    );
+    let deferred = first(&server, &id, "TransientFailure", "a@dest.test");
+    assert_eq!(deferred.reply.enhanced_code.as_deref(), Some("4.4.3"));
+    assert_eq!(deferred.scope.as_deref(), Some("destination"));
+    let rec = server.queue().get(id.parse().unwrap()).unwrap();
+    assert_eq!(rec.recipients[0].state, queue::RecipientState::Deferred);
+    assert!(answered.load(std::sync::atomic::Ordering::Relaxed) > 0);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    responder.join().unwrap();
+}
+
+/// The length of a DNS message's first question (name, type, class).
+fn question_len(q: &[u8]) -> usize {
+    let mut i = 0;
+    while i < q.len() && q[i] != 0 {
+        i += 1 + q[i] as usize;
+    }
+    (i + 1 + 4).min(q.len())
+}
