@@ -490,16 +490,20 @@ fn the_relay_host_takes_everything_from_our_egress_address() {
     assert!(matches!(server.records().last(), Some(Record::Delivery(_))));
 }
 
-/// An independent receiving MX: Python's aiosmtpd, with STARTTLS, writing
-/// each message it accepts to a JSON file (installed by the test command).
+/// An independent receiving MX: Python's aiosmtpd, with STARTTLS or
+/// without, refusing recipients whose name starts with `reject` (550) or
+/// `defer` (451), writing each message it accepts to a JSON file
+/// (installed by the test command).
 const AIOSMTPD: &str = r#"
 import asyncio, json, os, ssl, sys
 from aiosmtpd.controller import Controller
-out, port, cert, key = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+out, port, cert, key, tls = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5] == "tls"
 class Handler:
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         if address.startswith("reject"):
             return "550 5.1.1 no such user"
+        if address.startswith("defer"):
+            return "451 4.2.1 mailbox busy, try later"
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 OK"
     async def handle_DATA(self, server, session, envelope):
@@ -512,8 +516,10 @@ class Handler:
             json.dump(rec, f)
         os.rename(tmp, os.path.join(out, "%d.json" % n))
         return "250 2.0.0 OK: queued"
-ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-ctx.load_cert_chain(cert, key)
+ctx = None
+if tls:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
 c = Controller(Handler(), hostname="127.0.0.1", port=port, tls_context=ctx, ready_timeout=10)
 c.start()
 print("ready", flush=True)
@@ -530,6 +536,11 @@ struct Aiosmtpd {
 
 impl Aiosmtpd {
     fn start() -> Aiosmtpd {
+        Self::start_with(true)
+    }
+
+    /// `tls`: offer STARTTLS.
+    fn start_with(tls: bool) -> Aiosmtpd {
         use std::io::BufRead;
         let out = tempfile::tempdir().unwrap();
         let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
@@ -544,6 +555,7 @@ impl Aiosmtpd {
             .arg(port.to_string())
             .arg(&c)
             .arg(&k)
+            .arg(if tls { "tls" } else { "plain" })
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .spawn()
@@ -617,6 +629,51 @@ fn an_independent_mx_receives_over_starttls() {
         "{}",
         got[0]["data"]
     );
+}
+
+#[test]
+fn an_independent_mx_without_starttls_defers_and_refuses_chosen_recipients() {
+    // aiosmtpd without STARTTLS: plaintext, logged as such (opportunistic
+    // TLS); its 451 defers one recipient (RFC 5321 §4.2.1: transient), its
+    // 550 bounces another, and the third is delivered, in one transaction.
+    let mx = Aiosmtpd::start_with(false);
+    let dns = DnsServer::start(&[]);
+    let server = TestServer::start(&format!(
+        "[dns]\nnameservers = [\"{}\"]\n[delivery]\nrelay_host = \"127.0.0.1:{}\"\nbounces = false\nretry_initial = \"1h\"\n",
+        dns.addr, mx.port
+    ));
+    let id = submit(
+        &server,
+        "news@sender.test",
+        &["a@dest.test", "reject-b@dest.test", "defer-c@dest.test"],
+        &message("news@sender.test", "a@dest.test", "plain aiosmtpd"),
+    );
+    let d = first(&server, &id, "Delivery", "a@dest.test");
+    assert_eq!(d.tls.as_deref(), Some("plaintext-not-offered"));
+    let b = first(&server, &id, "Bounce", "reject-b@dest.test");
+    assert_eq!((b.reply.code, b.scope.as_deref()), (550, Some("recipient")));
+    let c = first(&server, &id, "TransientFailure", "defer-c@dest.test");
+    assert_eq!(
+        (
+            c.reply.code,
+            c.reply.enhanced_code.as_deref(),
+            c.scope.as_deref()
+        ),
+        (451, Some("4.2.1"), Some("recipient"))
+    );
+    assert!(c.next_attempt.is_some());
+    let got = mx.messages(1);
+    assert_eq!(got[0]["tls"], false);
+    assert_eq!(got[0]["rcpt_tos"], serde_json::json!(["a@dest.test"]));
+    // Only the deferred recipient is still pending.
+    let rec = server.queue().get(id.parse().unwrap()).unwrap();
+    let pending: Vec<_> = rec
+        .recipients
+        .iter()
+        .filter(|r| r.state == queue::RecipientState::Deferred)
+        .map(|r| r.address.as_str())
+        .collect();
+    assert_eq!(pending, ["defer-c@dest.test"]);
 }
 
 #[test]
