@@ -16,6 +16,9 @@
 //! = closed                    the server has closed the connection
 //! ```
 //!
+//! After the dialogue every 4xx/5xx reply the client saw must be in the
+//! transaction log with its codes, and a new client must still be served.
+//!
 //! Several `>` lines before their `<` lines are sent in one write, which is
 //! how a pipelining client behaves (RFC 2920).
 
@@ -159,6 +162,9 @@ impl Dialogue {
         // The client has read the greeting already; the first `<` checks it.
         let mut greeting = Some(c.greeting.clone());
         let mut pending: Vec<u8> = Vec::new();
+        // Every refusal the client saw (code, enhanced code), to be found
+        // in the transaction log afterwards.
+        let mut refusals: Vec<(u16, Option<String>)> = Vec::new();
         let ctx = |i: usize| format!("{} (step {}, {})", self.name, i + 1, self.citation);
         for (i, step) in self.steps.iter().enumerate() {
             if !matches!(step, Step::Send(_)) && !pending.is_empty() {
@@ -182,6 +188,9 @@ impl Dialogue {
                             .unwrap_or_else(|e| panic!("{}: no reply: {e}", ctx(i))),
                     };
                     assert_eq!(r.code, *code, "{}: got {r}", ctx(i));
+                    if r.code >= 400 {
+                        refusals.push((r.code, r.enhanced().map(str::to_string)));
+                    }
                     if let Some(e) = enhanced {
                         assert_eq!(r.enhanced(), Some(e.as_str()), "{}: got {r}", ctx(i));
                     }
@@ -213,6 +222,52 @@ impl Dialogue {
         }
         if !pending.is_empty() {
             c.send(pending);
+        }
+        drop(c);
+        self.refusals_are_logged(server, &refusals);
+        // Nothing the client did stalls the server for the next one.
+        let mut next = Client::connect(server.addr);
+        assert_eq!(next.greeting.code, 220, "{}: after the dialogue", self.name);
+        let r = next.cmd("NOOP");
+        assert_eq!(r.code, 250, "{}: NOOP after the dialogue: {r}", self.name);
+    }
+
+    /// Each refusal the client saw has its record (Rejection, or
+    /// AuthFailure for AUTH), with the same codes, as often as it was seen.
+    fn refusals_are_logged(&self, server: &TestServer, refusals: &[(u16, Option<String>)]) {
+        let mut wanted: Vec<(u16, Option<String>)> = refusals.to_vec();
+        wanted.sort();
+        let logged = |records: &[mta::log::Record]| {
+            let mut got: Vec<(u16, Option<String>)> = records
+                .iter()
+                .filter_map(|r| match r {
+                    mta::log::Record::Rejection(r) => Some(&r.reply),
+                    mta::log::Record::AuthFailure(f) => Some(&f.reply),
+                    _ => None,
+                })
+                .map(|r| (r.code, r.enhanced_code.clone()))
+                .collect();
+            got.sort();
+            got
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let got = logged(&server.records());
+            let mut missing = wanted.clone();
+            for g in &got {
+                if let Some(i) = missing.iter().position(|w| w == g) {
+                    missing.remove(i);
+                }
+            }
+            if missing.is_empty() {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{}: refusals the client saw but the log lacks: {missing:?} (logged: {got:?})",
+                self.name
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
         }
     }
 }
