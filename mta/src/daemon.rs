@@ -414,6 +414,7 @@ impl Daemon {
                 s.max_auth_failures_per_user,
                 s.auth_failure_window,
             ),
+            password_checks: crate::server::password_checks::PasswordChecks::per_core(),
             limits: ConnectionLimits::new(s.max_connections, s.max_connections_per_ip),
             queue,
             log,

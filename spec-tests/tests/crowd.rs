@@ -2,7 +2,9 @@
 //! connections and slowloris clients that send a byte at a time, under the
 //! default limits (2,000 in all, 200 per address), while a new client
 //! submits a message. The server must keep answering it; the time it took is
-//! printed (the figure is in docs/performance.md, not asserted here).
+//! printed (the figure is in docs/performance.md, not asserted here). And a
+//! crowd sending AUTH at once, whose password checks must stay bounded in
+//! memory.
 
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr, TcpStream};
@@ -105,4 +107,74 @@ fn a_new_client_is_served_while_1000_idle_and_slowloris_connections_are_held() {
     for t in slow {
         t.join().unwrap();
     }
+}
+
+/// The daemon's peak resident memory (VmHWM) in KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM in /proc/<pid>/status")
+}
+
+#[test]
+fn a_crowd_sending_auth_at_once_takes_bounded_memory_and_is_all_on_record() {
+    // 120 sessions from 12 addresses send a wrong password at the same
+    // moment. Each argon2 check takes 19 MiB: checked all at once (a
+    // blocking thread each) they would take over 2 GiB, and even queued,
+    // fresh blocks each time left the heap at 300-770 MiB. The daemon checks
+    // one per core at a time in memory each thread keeps, answers every one
+    // 535 and records each.
+    let dir = tempfile::tempdir().unwrap();
+    let d = spec_tests::server::DaemonProcess::start(
+        dir.path(),
+        &format!(
+            "[smtp]\nrelay_networks = []\nmax_auth_failures_per_ip = 1000\nmax_auth_failures_per_user = 1000\nauth_failure_delay = \"10ms\"\n{}",
+            spec_tests::server::tenants_toml()
+        ),
+    );
+    let before = peak_rss_kib(d.child.id());
+    let (addr, n) = (d.addr, 120);
+    let barrier = Arc::new(std::sync::Barrier::new(n));
+    let clients: Vec<_> = (0..n)
+        .map(|i| {
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                let from: IpAddr = format!("127.0.0.{}", 10 + i % 12).parse().unwrap();
+                let mut c = Client::connect_from(from, addr).unwrap();
+                c.set_read_timeout(Duration::from_secs(60));
+                c.ehlo();
+                c.starttls();
+                c.ehlo();
+                barrier.wait();
+                let r = c.auth_plain("acme-app", &format!("guess{i}"));
+                (r.code, r.enhanced().map(str::to_string))
+            })
+        })
+        .collect();
+    for c in clients {
+        assert_eq!(c.join().unwrap(), (535, Some("5.7.8".to_string())));
+    }
+    let peak = peak_rss_kib(d.child.id());
+    eprintln!("daemon peak RSS: {before} KiB before the crowd, {peak} KiB after");
+    // One argon2 memory (19 MiB) per core, plus room for the sessions.
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get()) as u64;
+    let bound = before + cores * 20 * 1024 + 48 * 1024;
+    assert!(
+        peak < bound,
+        "peak RSS grew from {before} KiB to {peak} KiB (bound {bound} KiB): password checks are not bounded"
+    );
+    let failures = eventually("120 AuthFailure records", || {
+        let n = spec_tests::server::read_log(&d.data_dir)
+            .iter()
+            .filter(|r| matches!(r, mta::log::Record::AuthFailure(_)))
+            .count();
+        (n == 120).then_some(n)
+    });
+    assert_eq!(failures, 120);
+    // And a new client is served.
+    let mut c = Client::connect(addr);
+    assert_eq!(c.cmd("NOOP").code, 250);
 }

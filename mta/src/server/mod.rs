@@ -8,6 +8,7 @@
 
 mod access;
 mod limits;
+pub mod password_checks;
 mod storage;
 
 use std::net::{IpAddr, SocketAddr};
@@ -69,6 +70,9 @@ pub struct Receiver {
     /// The current [`Live`] settings; read with [`Receiver::live`].
     pub live: RwLock<Arc<Live>>,
     pub throttle: AuthThrottle,
+    /// The threads that check passwords, one per core: a crowd sending
+    /// AUTH at once waits for them instead of taking memory.
+    pub password_checks: password_checks::PasswordChecks,
     pub limits: Arc<ConnectionLimits>,
     pub queue: Queue,
     pub log: TransactionLog,
@@ -226,7 +230,7 @@ impl Receiver {
         }
         let users = live.users.clone();
         let (user, password) = (req.user.clone(), req.password);
-        let verified = tokio::task::spawn_blocking(move || users.verify(&user, &password)).await;
+        let verified = self.password_checks.verify(users, user, password).await;
         let identity = match verified {
             Ok(v) => v,
             Err(e) => {
