@@ -414,7 +414,7 @@ impl Daemon {
                 s.max_auth_failures_per_user,
                 s.auth_failure_window,
             ),
-            password_checks: crate::server::password_checks::PasswordChecks::per_core(),
+            password_checks: crate::server::password_checks::PasswordChecks::half_the_cores(),
             limits: ConnectionLimits::new(s.max_connections, s.max_connections_per_ip),
             queue,
             log,

@@ -125,7 +125,7 @@ fn a_crowd_sending_auth_at_once_takes_bounded_memory_and_is_all_on_record() {
     // moment. Each argon2 check takes 19 MiB: checked all at once (a
     // blocking thread each) they would take over 2 GiB, and even queued,
     // fresh blocks each time left the heap at 300-770 MiB. The daemon checks
-    // one per core at a time in memory each thread keeps, answers every one
+    // one per two cores at a time in memory each thread keeps, answers every one
     // 535 and records each.
     let dir = tempfile::tempdir().unwrap();
     let d = spec_tests::server::DaemonProcess::start(

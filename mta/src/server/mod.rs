@@ -70,8 +70,9 @@ pub struct Receiver {
     /// The current [`Live`] settings; read with [`Receiver::live`].
     pub live: RwLock<Arc<Live>>,
     pub throttle: AuthThrottle,
-    /// The threads that check passwords, one per core: a crowd sending
-    /// AUTH at once waits for them instead of taking memory.
+    /// The threads that check passwords, one per two cores: a crowd
+    /// sending AUTH at once waits for them instead of taking memory and
+    /// every core.
     pub password_checks: password_checks::PasswordChecks,
     pub limits: Arc<ConnectionLimits>,
     pub queue: Queue,

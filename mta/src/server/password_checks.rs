@@ -6,7 +6,7 @@
 //! even one at a time, malloc placed each new block past the small
 //! allocations made meanwhile, so the heap kept growing (120 wrong
 //! passwords at once left the daemon at 300–770 MiB). Here a fixed set of
-//! threads, one per core, each keeps its own argon2 memory for good: the
+//! threads, one per two cores, each keeps its own argon2 memory for good: the
 //! checks queue for a thread, and the memory is threads × 19 MiB, however
 //! many sessions ask.
 
@@ -58,9 +58,10 @@ impl PasswordChecks {
         }
     }
 
-    /// One thread per core.
-    pub fn per_core() -> PasswordChecks {
-        Self::new(std::thread::available_parallelism().map_or(2, |n| n.get()))
+    /// One thread per two cores (at least one): a crowd sending AUTH can
+    /// take at most half the machine from reception, signing and delivery.
+    pub fn half_the_cores() -> PasswordChecks {
+        Self::new(std::thread::available_parallelism().map_or(1, |n| n.get() / 2))
     }
 
     pub fn threads(&self) -> usize {
