@@ -484,10 +484,22 @@ impl Daemon {
                     .await
                     .map_err(|source| bind_error(addr, source, "; change [admin] listen"))?;
                 tracing::info!(addr = %tcp.local_addr().unwrap_or(addr), "admin API over HTTPS (bearer tokens)");
+                // The certificate SMTP has now: a reload's reaches new
+                // HTTPS connections too.
+                let at_start = TlsAcceptor::from(server_tls.config.clone());
+                let current: crate::admin::server::CurrentTls = {
+                    let receiver = receiver.clone();
+                    Arc::new(move || {
+                        receiver
+                            .live()
+                            .tls
+                            .clone()
+                            .unwrap_or_else(|| at_start.clone())
+                    })
+                };
                 acceptors.push(tokio::spawn(crate::admin::serve_tcp(
                     tcp,
-                    // The certificate at start; a reload does not reach it.
-                    TlsAcceptor::from(server_tls.config.clone()),
+                    current,
                     tokens,
                     state.clone(),
                     shutdown_rx.clone(),

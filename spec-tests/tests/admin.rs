@@ -829,6 +829,38 @@ fn the_https_listener_takes_bearer_tokens_from_curl_and_the_cli_and_records_ever
         ("show", Some("unix"), Some("body=true"))
     );
     assert_eq!(last.who, me().1);
+
+    // A certificate renewed in place and loaded on SIGHUP reaches the
+    // HTTPS listener too: curl trusts the new one and refuses the old.
+    let old_cert = dir.path().join("old-cert.pem");
+    std::fs::copy(&cert, &old_cert).unwrap();
+    let renewed = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    std::fs::write(&cert, renewed.cert.pem()).unwrap();
+    std::fs::write(&key, renewed.signing_key.serialize_pem()).unwrap();
+    // SAFETY: signalling our own child.
+    assert_eq!(
+        unsafe { libc::kill(d.child.id() as libc::pid_t, libc::SIGHUP) },
+        0
+    );
+    eventually("the reload to be applied", || {
+        read_log(&d.data_dir).iter().find_map(|r| match r {
+            Record::ConfigReload(c) if c.result == "ok" => Some(()),
+            _ => None,
+        })
+    });
+    let (code, body) = curl(&["-H", &bearer], "/v1/messages");
+    assert_eq!(code, 200, "with the renewed certificate: {body}");
+    let refused = std::process::Command::new("curl")
+        .args(["-sS", "--cacert", old_cert.to_str().unwrap()])
+        .args(["--resolve", &format!("localhost:{port}:127.0.0.1")])
+        .args(["-H", &bearer])
+        .arg(format!("{url}/v1/messages"))
+        .output()
+        .unwrap();
+    assert!(
+        !refused.status.success(),
+        "curl still trusts the old certificate: the listener kept it"
+    );
 }
 
 #[test]

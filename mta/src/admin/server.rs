@@ -82,11 +82,15 @@ pub async fn serve(
     let _ = std::fs::remove_file(&path);
 }
 
+/// The TLS acceptor to use for a new connection: the daemon's certificate as
+/// it is now, so a renewal loaded on SIGHUP reaches this listener too.
+pub type CurrentTls = Arc<dyn Fn() -> TlsAcceptor + Send + Sync>;
+
 /// Serves the admin API over HTTPS on `listener` (`[admin] listen`) until
 /// `shutdown`: every request needs one of `tokens` as its bearer token.
 pub async fn serve_tcp(
     listener: TcpListener,
-    tls: TlsAcceptor,
+    tls: CurrentTls,
     tokens: Tokens,
     state: State,
     mut shutdown: watch::Receiver<bool>,
@@ -102,7 +106,7 @@ pub async fn serve_tcp(
             continue;
         };
         let _ = socket.set_nodelay(true);
-        let (state, tls, tokens) = (state.clone(), tls.clone(), tokens.clone());
+        let (state, tls, tokens) = (state.clone(), tls(), tokens.clone());
         tokio::spawn(async move {
             let Ok(Ok(stream)) = tokio::time::timeout(IO_TIMEOUT, tls.accept(socket)).await else {
                 return;
