@@ -79,9 +79,29 @@ struct Args {
     /// Its CPU and memory are measured when --pid names its process.
     #[arg(long, value_name = "ADDR")]
     server: Option<SocketAddr>,
-    /// The process to measure with --server.
+    /// A process to measure with --server, with all its descendants (their
+    /// CPU, reaped ones included, and their summed memory); repeat for
+    /// several (Postfix's master and OpenDKIM).
     #[arg(long)]
-    pid: Option<u32>,
+    pid: Vec<u32>,
+    /// The counting sink listens here instead of on a free port. With
+    /// --server the report adds delivery: the running server must relay to
+    /// this address.
+    #[arg(long, value_name = "ADDR")]
+    sink: Option<SocketAddr>,
+    /// With --server and --sink: a message counts as delivered once the
+    /// sink has it and no file is left under these directories (the
+    /// server's queue, e.g. Postfix's `active`, `incoming`, `deferred`).
+    #[arg(long, value_name = "DIR", requires = "sink")]
+    queue_dir: Vec<PathBuf>,
+    /// With a sink: keep this many delivered messages of the measured run,
+    /// evenly spread, as files in --sample-dir (to verify their
+    /// signatures). With --deliver the daemon's DKIM TXT records are
+    /// written there too (`dkim-records.txt`).
+    #[arg(long, default_value_t = 0, requires = "sample_dir")]
+    sample: usize,
+    #[arg(long, value_name = "DIR")]
+    sample_dir: Option<PathBuf>,
     /// DKIM keys for the daemon to sign with (the messages are From
     /// bench.example): none, rsa (2048), ed25519, or both (dual signing).
     #[arg(long, value_enum, default_value = "none")]
@@ -125,7 +145,9 @@ enum DkimArg {
     Both,
 }
 
-/// Writes keys for bench.example into `dir`; returns the config lines.
+/// Writes keys for bench.example into `dir`; returns the config lines,
+/// and writes the keys' TXT records (`name<TAB>value` lines) to
+/// `dir/dkim-records.txt`.
 fn dkim_config(dir: &Path, which: DkimArg) -> anyhow::Result<String> {
     use dkim_keys::{Algorithm, PrivateKey};
     let algs: &[(Algorithm, usize, &str)] = match which {
@@ -137,15 +159,22 @@ fn dkim_config(dir: &Path, which: DkimArg) -> anyhow::Result<String> {
             (Algorithm::Ed25519Sha256, 256, "ed"),
         ],
     };
-    let mut toml = String::new();
+    let (mut toml, mut records) = (String::new(), String::new());
     for (alg, bits, selector) in algs {
         let path = dir.join(format!("bench.example.{selector}.pem"));
-        PrivateKey::generate(*alg, *bits)?.write_new(&path)?;
+        let key = PrivateKey::generate(*alg, *bits)?;
+        key.write_new(&path)?;
+        records.push_str(&format!(
+            "{}\t{}\n",
+            dkim_keys::record::record_name(selector, "bench.example"),
+            dkim_keys::record::record_value(&key)
+        ));
         toml.push_str(&format!(
             "[[dkim.keys]]\ndomain = \"bench.example\"\nselector = \"{selector}\"\nalgorithm = \"{alg}\"\nprivate_key = \"{}\"\n",
             path.display()
         ));
     }
+    std::fs::write(dir.join("dkim-records.txt"), records)?;
     Ok(toml)
 }
 
@@ -237,6 +266,11 @@ struct Report {
     server_cpu_seconds: Option<f64>,
     server_cpu_ms_per_message: Option<f64>,
     server_peak_rss_mb: Option<f64>,
+    /// Sampled every 500 ms over the measured run: the largest sum of
+    /// VmRSS and of Pss over every process of the server (the --pid trees,
+    /// or the daemon), and the most processes seen at once.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    memory: Option<MemoryPeak>,
     client_cpu_seconds: f64,
     /// With --deliver; the server CPU above then covers reception, signing
     /// and delivery of the measured messages.
@@ -294,6 +328,37 @@ struct DeferredReport {
     server_cpu_ms_per_message: f64,
 }
 
+impl Report {
+    /// The client's side of a run; the server's and delivery's left empty.
+    fn of_load(
+        args: &Args,
+        elapsed: Duration,
+        whole: &[Duration],
+        after: &[Duration],
+        encrypted: bool,
+    ) -> Report {
+        Report {
+            messages: args.messages,
+            size_kb: args.size_kb,
+            connections: args.connections,
+            tls: !args.no_tls,
+            encrypted,
+            seconds: elapsed.as_secs_f64(),
+            accepted_per_second: args.messages as f64 / elapsed.as_secs_f64(),
+            transaction_p50_ms: percentile(whole, 0.50),
+            transaction_p99_ms: percentile(whole, 0.99),
+            after_data_p50_ms: percentile(after, 0.50),
+            after_data_p99_ms: percentile(after, 0.99),
+            server_cpu_seconds: None,
+            server_cpu_ms_per_message: None,
+            server_peak_rss_mb: None,
+            memory: None,
+            client_cpu_seconds: 0.0,
+            delivery: None,
+        }
+    }
+}
+
 fn ticks_per_second() -> f64 {
     // SAFETY: sysconf only reads a configuration value.
     (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }) as f64
@@ -313,6 +378,154 @@ fn stat_cpu(path: &Path) -> anyhow::Result<f64> {
     let utime: f64 = fields[11].parse()?;
     let stime: f64 = fields[12].parse()?;
     Ok((utime + stime) / ticks_per_second())
+}
+
+/// Every process under /proc: pid → (parent, CPU seconds of the process
+/// and of its reaped children: utime + stime + cutime + cstime).
+fn all_processes() -> HashMap<u32, (u32, f64)> {
+    let mut out = HashMap::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue; // it just ended
+        };
+        let Some((_, after)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let f: Vec<&str> = after.split_whitespace().collect();
+        let num = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        let ppid = f.get(1).and_then(|v| v.parse().ok()).unwrap_or(0);
+        out.insert(
+            pid,
+            (
+                ppid,
+                (num(11) + num(12) + num(13) + num(14)) / ticks_per_second(),
+            ),
+        );
+    }
+    out
+}
+
+/// The given processes and all their descendants.
+fn process_tree(roots: &[u32], all: &HashMap<u32, (u32, f64)>) -> Vec<u32> {
+    let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
+    for (&pid, &(ppid, _)) in all {
+        children.entry(ppid).or_default().push(pid);
+    }
+    let (mut seen, mut todo) = (Vec::new(), roots.to_vec());
+    while let Some(pid) = todo.pop() {
+        if all.contains_key(&pid) && !seen.contains(&pid) {
+            seen.push(pid);
+            todo.extend(children.get(&pid).into_iter().flatten());
+        }
+    }
+    seen
+}
+
+/// CPU seconds of the process trees under `roots`: every live process and
+/// every child they have reaped (a Postfix daemon that exited is in its
+/// master's cutime/cstime).
+fn tree_cpu(roots: &[u32]) -> f64 {
+    let all = all_processes();
+    process_tree(roots, &all).iter().map(|p| all[p].1).sum()
+}
+
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+struct MemoryPeak {
+    rss_sum_mb: f64,
+    pss_sum_mb: f64,
+    processes: usize,
+}
+
+/// How often the memory of the server's processes is sampled. Each sample
+/// reads every /proc/*/stat and, per server process, its status and
+/// smaps_rollup: with Postfix's 70 processes that costs the benchmark
+/// about 10 ms of CPU, which at 100 ms was 0.1 of a core taken from the
+/// server on this 2-core machine.
+const MEMORY_SAMPLE: Duration = Duration::from_millis(500);
+
+/// Samples the summed memory of process trees every [`MEMORY_SAMPLE`] until
+/// stopped.
+struct MemorySampler {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<MemoryPeak>,
+}
+
+impl MemorySampler {
+    fn start(roots: Vec<u32>) -> anyhow::Result<MemorySampler> {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("bench-memory".into())
+            .spawn(move || {
+                let mut peak = MemoryPeak::default();
+                loop {
+                    let pids = process_tree(&roots, &all_processes());
+                    let (mut rss, mut pss) = (0.0, 0.0);
+                    for pid in &pids {
+                        rss += status_mb(*pid, "VmRSS:").unwrap_or(0.0);
+                        pss += smaps_pss_mb(*pid).unwrap_or(0.0);
+                    }
+                    peak.rss_sum_mb = peak.rss_sum_mb.max(rss);
+                    peak.pss_sum_mb = peak.pss_sum_mb.max(pss);
+                    peak.processes = peak.processes.max(pids.len());
+                    if stopped.load(Ordering::Relaxed) {
+                        return peak;
+                    }
+                    std::thread::sleep(MEMORY_SAMPLE);
+                }
+            })?;
+        Ok(MemorySampler { stop, thread })
+    }
+
+    fn finish(self) -> MemoryPeak {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap_or_default()
+    }
+}
+
+/// A process's proportional set size (shared pages divided among the
+/// processes mapping them), from /proc/PID/smaps_rollup, in MiB.
+fn smaps_pss_mb(pid: u32) -> Option<f64> {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    let line = rollup.lines().find(|l| l.starts_with("Pss:"))?;
+    Some(line.split_whitespace().nth(1)?.parse::<f64>().ok()? / 1024.0)
+}
+
+/// Whether any file is left under these directories.
+fn any_file_under(dirs: &[PathBuf]) -> bool {
+    fn walk(dir: &Path) -> bool {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return false;
+        };
+        entries.flatten().any(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => walk(&e.path()),
+            Ok(_) => true,
+            Err(_) => false,
+        })
+    }
+    dirs.iter().any(|d| walk(d))
+}
+
+/// Waits until no file is left under `dirs`; when that was seen.
+fn wait_until_empty(dirs: &[PathBuf]) -> anyhow::Result<Instant> {
+    let deadline = Instant::now() + STALL;
+    while any_file_under(dirs) {
+        if Instant::now() > deadline {
+            bail!("files still queued under {dirs:?} after {STALL:?}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(Instant::now())
 }
 
 /// CPU seconds of this process's threads whose name starts with `prefix`.
@@ -611,6 +824,9 @@ fn main() -> anyhow::Result<()> {
     if args.deliver {
         return deliver(&args);
     }
+    if let (Some(server), Some(sink)) = (args.server, args.sink) {
+        return deliver_external(&args, server, sink);
+    }
     let daemon = match args.server {
         Some(_) => None,
         None => Some(start_daemon(
@@ -625,7 +841,10 @@ fn main() -> anyhow::Result<()> {
         .server
         .or(daemon.as_ref().map(|d| d.addr))
         .expect("an address");
-    let pid = args.pid.or(daemon.as_ref().map(|d| d.child.id()));
+    let pids: Vec<u32> = match &daemon {
+        Some(d) => vec![d.child.id()],
+        None => args.pid.clone(),
+    };
     let tls = (!args.no_tls).then(|| TlsConnector::from(spec_tests::client::tls_config()));
     let body = Arc::new(message(args.size_kb));
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -641,15 +860,17 @@ fn main() -> anyhow::Result<()> {
             args.connections,
         ))?;
     }
-    let cpu_before = pid.map(process_cpu).transpose()?;
+    let memory = (daemon.is_none() && !pids.is_empty())
+        .then(|| MemorySampler::start(pids.clone()))
+        .transpose()?;
+    let cpu_before = tree_cpu(&pids);
     let client_before = self_cpu();
     let (elapsed, whole, after) =
         runtime.block_on(run(addr, tls, body, args.messages, args.connections))?;
-    let server_cpu = match (pid, cpu_before) {
-        (Some(p), Some(before)) => Some(process_cpu(p)? - before),
-        _ => None,
-    };
-    let client_cpu = self_cpu() - client_before;
+    let server_cpu = (!pids.is_empty()).then(|| tree_cpu(&pids) - cpu_before);
+    let sampler_cpu = threads_cpu("bench-memory")?;
+    let memory = memory.map(MemorySampler::finish);
+    let client_cpu = self_cpu() - client_before - sampler_cpu;
 
     if let Some(d) = &daemon {
         // Every accepted message has its Reception record.
@@ -672,22 +893,21 @@ fn main() -> anyhow::Result<()> {
     }
 
     let report = Report {
-        messages: args.messages,
-        size_kb: args.size_kb,
-        connections: args.connections,
-        tls: !args.no_tls,
-        encrypted: !args.no_encrypt && args.server.is_none(),
-        seconds: elapsed.as_secs_f64(),
-        accepted_per_second: args.messages as f64 / elapsed.as_secs_f64(),
-        transaction_p50_ms: percentile(&whole, 0.50),
-        transaction_p99_ms: percentile(&whole, 0.99),
-        after_data_p50_ms: percentile(&after, 0.50),
-        after_data_p99_ms: percentile(&after, 0.99),
         server_cpu_seconds: server_cpu,
         server_cpu_ms_per_message: server_cpu.map(|c| c * 1000.0 / args.messages as f64),
-        server_peak_rss_mb: pid.map(peak_rss_mb).transpose()?,
+        server_peak_rss_mb: match &daemon {
+            Some(d) => Some(peak_rss_mb(d.child.id())?),
+            None => memory.map(|m| m.rss_sum_mb),
+        },
+        memory,
         client_cpu_seconds: client_cpu,
-        delivery: None,
+        ..Report::of_load(
+            &args,
+            elapsed,
+            &whole,
+            &after,
+            !args.no_encrypt && args.server.is_none(),
+        )
     };
     if let Some(d) = daemon {
         finish(d, args.keep);
@@ -793,7 +1013,11 @@ fn deliver(args: &Args) -> anyhow::Result<()> {
             },
         ))
     } else {
-        BenchSink::Counting(CountingSink::start(args.sink_tls)?)
+        BenchSink::Counting(CountingSink::start(
+            args.sink_tls,
+            args.sink,
+            Sampling::from_args(args)?,
+        )?)
     };
     let mut delivery = format!("relay_host = \"{}\"\n", sink.addr());
     if let Some(n) = args.delivery_connections {
@@ -807,6 +1031,13 @@ fn deliver(args: &Args) -> anyhow::Result<()> {
         !args.no_encrypt,
     )?;
     let pid = daemon.child.id();
+    if let Some(dir) = &args.sample_dir {
+        std::fs::create_dir_all(dir)?;
+        std::fs::copy(
+            daemon.dir.path().join("dkim-records.txt"),
+            dir.join("dkim-records.txt"),
+        )?;
+    }
     let tls = (!args.no_tls).then(|| TlsConnector::from(spec_tests::client::tls_config()));
     let body = Arc::new(message(args.size_kb));
     let runtime = runtime()?;
@@ -825,7 +1056,8 @@ fn deliver(args: &Args) -> anyhow::Result<()> {
         log.wait_for_deliveries(args.warmup)?;
     }
     let total = args.warmup + args.messages;
-    let cpu_before = process_cpu(pid)?;
+    let memory = MemorySampler::start(vec![pid])?;
+    let cpu_before = tree_cpu(&[pid]);
     let client_before = self_cpu();
     let sink_before = threads_cpu(sink.thread_name())?;
     let started = Instant::now();
@@ -835,9 +1067,12 @@ fn deliver(args: &Args) -> anyhow::Result<()> {
     let delivered_in = last.saturating_duration_since(started);
     // The daemon's work ends when the outcomes are stored and logged.
     log.wait_for_deliveries(total)?;
-    let server_cpu = process_cpu(pid)? - cpu_before;
+    let server_cpu = tree_cpu(&[pid]) - cpu_before;
+    // The sampler's CPU is neither the client's nor the server's.
+    let sampler_cpu = threads_cpu("bench-memory")?;
+    let memory = memory.finish();
     let sink_cpu = threads_cpu(sink.thread_name())? - sink_before;
-    let client_cpu = self_cpu() - client_before - sink_cpu;
+    let client_cpu = self_cpu() - client_before - sink_cpu - sampler_cpu;
     let received = sink.count();
     if received != total {
         bail!("the sink received {received} messages for {total} submitted");
@@ -864,20 +1099,10 @@ fn deliver(args: &Args) -> anyhow::Result<()> {
     let mut delay: Vec<f64> = measured.iter().map(|d| d.delay).collect();
     delay.sort_by(f64::total_cmp);
     let report = Report {
-        messages: args.messages,
-        size_kb: args.size_kb,
-        connections: args.connections,
-        tls: !args.no_tls,
-        encrypted: !args.no_encrypt && args.server.is_none(),
-        seconds: elapsed.as_secs_f64(),
-        accepted_per_second: args.messages as f64 / elapsed.as_secs_f64(),
-        transaction_p50_ms: percentile(&whole, 0.50),
-        transaction_p99_ms: percentile(&whole, 0.99),
-        after_data_p50_ms: percentile(&after, 0.50),
-        after_data_p99_ms: percentile(&after, 0.99),
         server_cpu_seconds: Some(server_cpu),
         server_cpu_ms_per_message: Some(server_cpu * 1000.0 / args.messages as f64),
         server_peak_rss_mb: Some(peak_rss_mb(pid)?),
+        memory: Some(memory),
         client_cpu_seconds: client_cpu,
         delivery: Some(DeliveryReport {
             sink: sink.kind(),
@@ -893,8 +1118,93 @@ fn deliver(args: &Args) -> anyhow::Result<()> {
             delivered_over_tls: measured.iter().filter(|d| d.tls).count(),
             sink_cpu_seconds: sink_cpu,
         }),
+        ..Report::of_load(
+            args,
+            elapsed,
+            &whole,
+            &after,
+            !args.no_encrypt && args.server.is_none(),
+        )
     };
     finish(daemon, args.keep);
+    drop(sink);
+    print_report(&report, args.json)
+}
+
+/// `--server ADDR --sink ADDR`: the load of `--deliver`, to an SMTP server
+/// that is already running and relays to our counting sink at `sink_addr`
+/// (Postfix). Its CPU and memory are those of the --pid process trees.
+fn deliver_external(args: &Args, server: SocketAddr, sink_addr: SocketAddr) -> anyhow::Result<()> {
+    let sampling = Sampling::from_args(args)?;
+    let sink = CountingSink::start(args.sink_tls, Some(sink_addr), sampling)?;
+    let tls = (!args.no_tls).then(|| TlsConnector::from(spec_tests::client::tls_config()));
+    let body = Arc::new(message(args.size_kb));
+    let runtime = runtime()?;
+    if any_file_under(&args.queue_dir) {
+        bail!("the server's queue ({:?}) is not empty", args.queue_dir);
+    }
+    if args.warmup > 0 {
+        runtime.block_on(run(
+            server,
+            tls.clone(),
+            body.clone(),
+            args.warmup,
+            args.connections,
+        ))?;
+        sink.wait_for(args.warmup)?;
+        wait_until_empty(&args.queue_dir)?;
+    }
+    let total = args.warmup + args.messages;
+    let memory = MemorySampler::start(args.pid.clone())?;
+    let cpu_before = tree_cpu(&args.pid);
+    let client_before = self_cpu();
+    let sink_before = threads_cpu("bench-sink")?;
+    let started = Instant::now();
+    let (elapsed, whole, after) =
+        runtime.block_on(run(server, tls, body, args.messages, args.connections))?;
+    let last = sink.wait_for(total)?;
+    // Delivered means the sink has it and the server has let it go.
+    let emptied = wait_until_empty(&args.queue_dir)?;
+    let delivered_in = if args.queue_dir.is_empty() {
+        last
+    } else {
+        last.max(emptied)
+    }
+    .saturating_duration_since(started);
+    let server_cpu = (!args.pid.is_empty()).then(|| tree_cpu(&args.pid) - cpu_before);
+    // The sampler's CPU is neither the client's nor the server's.
+    let sampler_cpu = threads_cpu("bench-memory")?;
+    let memory = memory.finish();
+    let sink_cpu = threads_cpu("bench-sink")? - sink_before;
+    let client_cpu = self_cpu() - client_before - sink_cpu - sampler_cpu;
+    // A message delivered twice would show here.
+    let received = sink.state().0;
+    if received != total {
+        bail!("the sink received {received} messages for {total} submitted");
+    }
+    let report = Report {
+        server_cpu_seconds: server_cpu,
+        server_cpu_ms_per_message: server_cpu.map(|c| c * 1000.0 / args.messages as f64),
+        server_peak_rss_mb: (!args.pid.is_empty()).then_some(memory.rss_sum_mb),
+        memory: (!args.pid.is_empty()).then_some(memory),
+        client_cpu_seconds: client_cpu,
+        delivery: Some(DeliveryReport {
+            sink: "counting",
+            sink_tls: args.sink_tls,
+            delivery_connections: None,
+            delivered_seconds: delivered_in.as_secs_f64(),
+            delivered_per_second: args.messages as f64 / delivered_in.as_secs_f64(),
+            // The server's own log would tell; not read here.
+            after_250_p50_ms: f64::NAN,
+            after_250_p99_ms: f64::NAN,
+            delivered_before_250: 0,
+            delay_p50_ms: f64::NAN,
+            delay_p99_ms: f64::NAN,
+            delivered_over_tls: 0,
+            sink_cpu_seconds: sink_cpu,
+        }),
+        ..Report::of_load(args, elapsed, &whole, &after, false)
+    };
     drop(sink);
     print_report(&report, args.json)
 }
@@ -1231,16 +1541,70 @@ struct CountingSink {
 struct Counted {
     messages: usize,
     last: Option<Instant>,
+    /// DATA commands seen, numbering the messages for sampling.
+    data_started: usize,
+}
+
+/// Which messages the sink keeps (by the order of their DATA commands,
+/// from 0), and where.
+struct Sampling {
+    wanted: std::collections::BTreeSet<usize>,
+    dir: PathBuf,
+}
+
+impl Sampling {
+    /// What --sample and --sample-dir ask for, over the measured run.
+    fn from_args(args: &Args) -> anyhow::Result<Option<Sampling>> {
+        match &args.sample_dir {
+            Some(dir) if args.sample > 0 => Ok(Some(Sampling::spread(
+                args.sample,
+                args.warmup,
+                args.messages,
+                dir,
+            )?)),
+            _ => Ok(None),
+        }
+    }
+
+    /// `n` messages evenly spread over the `messages` after `skip`.
+    fn spread(n: usize, skip: usize, messages: usize, dir: &Path) -> anyhow::Result<Sampling> {
+        std::fs::create_dir_all(dir)?;
+        let n = n.min(messages);
+        let wanted = (0..n).map(|i| skip + i * messages / n).collect();
+        Ok(Sampling {
+            wanted,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// Writes one kept message: its content, dot-unstuffed (RFC 5321
+    /// §4.5.2), without the terminating ".".
+    fn write(&self, index: usize, stuffed: &[u8]) {
+        let mut out = Vec::with_capacity(stuffed.len());
+        for line in stuffed.split_inclusive(|&b| b == b'\n') {
+            out.extend_from_slice(line.strip_prefix(b".").unwrap_or(line));
+        }
+        let path = self.dir.join(format!("msg-{index:07}.eml"));
+        if let Err(e) = std::fs::write(&path, out) {
+            eprintln!("sink: writing {}: {e}", path.display());
+        }
+    }
 }
 
 impl CountingSink {
-    fn start(starttls: bool) -> anyhow::Result<CountingSink> {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    fn start(
+        starttls: bool,
+        at: Option<SocketAddr>,
+        sampling: Option<Sampling>,
+    ) -> anyhow::Result<CountingSink> {
+        let listener = std::net::TcpListener::bind(at.unwrap_or("127.0.0.1:0".parse()?))
+            .with_context(|| format!("the sink's address {at:?}"))?;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
         let acceptor = starttls.then(self_signed_acceptor).transpose()?;
         let shared = Arc::new(Mutex::new(Counted::default()));
         let counted = shared.clone();
+        let sampling = sampling.map(Arc::new);
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
@@ -1256,7 +1620,12 @@ impl CountingSink {
                             continue;
                         };
                         let _ = tcp.set_nodelay(true);
-                        tokio::spawn(sink_session(tcp, acceptor.clone(), counted.clone()));
+                        tokio::spawn(sink_session(
+                            tcp,
+                            acceptor.clone(),
+                            counted.clone(),
+                            sampling.clone(),
+                        ));
                     }
                 })
             })?;
@@ -1299,17 +1668,24 @@ fn self_signed_acceptor() -> anyhow::Result<TlsAcceptor> {
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
-async fn sink_session(mut tcp: TcpStream, tls: Option<TlsAcceptor>, counted: Arc<Mutex<Counted>>) {
+async fn sink_session(
+    mut tcp: TcpStream,
+    tls: Option<TlsAcceptor>,
+    counted: Arc<Mutex<Counted>>,
+    sampling: Option<Arc<Sampling>>,
+) {
+    let sampling = sampling.as_deref();
     if tcp.write_all(b"220 sink.bench ESMTP\r\n").await.is_err() {
         return;
     }
     // Whatever the client pipelined after STARTTLS is dropped with the
     // first session's buffer (RFC 3207 §4.2).
-    if let (Ok(SinkNext::StartTls), Some(acceptor)) =
-        (sink_serve(&mut tcp, tls.is_some(), &counted).await, tls)
-        && let Ok(mut stream) = acceptor.accept(tcp).await
+    if let (Ok(SinkNext::StartTls), Some(acceptor)) = (
+        sink_serve(&mut tcp, tls.is_some(), &counted, sampling).await,
+        tls,
+    ) && let Ok(mut stream) = acceptor.accept(tcp).await
     {
-        let _ = sink_serve(&mut stream, false, &counted).await;
+        let _ = sink_serve(&mut stream, false, &counted, sampling).await;
     }
 }
 
@@ -1324,12 +1700,15 @@ async fn sink_serve<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
     offer_tls: bool,
     counted: &Mutex<Counted>,
+    sampling: Option<&Sampling>,
 ) -> std::io::Result<SinkNext> {
     let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
     let mut out: Vec<u8> = Vec::with_capacity(1024);
     // Unprocessed input starts at `start`; in DATA, the search for CRLF.CRLF
     // resumes at `from` (which starts at the CRLF ending the DATA line).
     let (mut start, mut from, mut in_data) = (0, 0, false);
+    // A message being kept: where its content starts, and its number.
+    let mut kept: Option<(usize, usize)> = None;
     loop {
         loop {
             if in_data {
@@ -1337,6 +1716,9 @@ async fn sink_serve<S: AsyncRead + AsyncWrite + Unpin>(
                     Some(end) => {
                         start = from + end;
                         in_data = false;
+                        if let (Some((at, index)), Some(sampling)) = (kept.take(), sampling) {
+                            sampling.write(index, &buf[at..start - 3]);
+                        }
                         let mut c = counted.lock().expect("sink lock");
                         c.messages += 1;
                         c.last = Some(Instant::now());
@@ -1373,6 +1755,14 @@ async fn sink_serve<S: AsyncRead + AsyncWrite + Unpin>(
                         out.extend_from_slice(b"354 End data with <CR><LF>.<CR><LF>\r\n");
                         in_data = true;
                         from = start - 2;
+                        let index = {
+                            let mut c = counted.lock().expect("sink lock");
+                            c.data_started += 1;
+                            c.data_started - 1
+                        };
+                        if sampling.is_some_and(|s| s.wanted.contains(&index)) {
+                            kept = Some((start, index));
+                        }
                     }
                     b"RSET" | b"NOOP" => out.extend_from_slice(b"250 2.0.0 Ok\r\n"),
                     b"QUIT" => {
@@ -1396,10 +1786,17 @@ async fn sink_serve<S: AsyncRead + AsyncWrite + Unpin>(
             s.flush().await?;
             out.clear();
         }
-        let keep = if in_data { from } else { start };
+        let keep = match kept {
+            Some((at, _)) if in_data => at,
+            _ if in_data => from,
+            _ => start,
+        };
         buf.drain(..keep);
         start -= keep;
         from -= keep.min(from);
+        if let Some((at, _)) = &mut kept {
+            *at -= keep;
+        }
         if buf.capacity() - buf.len() < 16 * 1024 {
             buf.reserve(64 * 1024);
         }
