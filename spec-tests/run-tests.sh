@@ -85,6 +85,15 @@ else
 fi
 
 
+# Fuzzing (docs/fuzzing.md): each libFuzzer target of spec-tests/fuzz for a
+# bounded time, on stable Rust. Its build reuses the dependencies the tests
+# above built, and instruments only the code under test. An input that
+# breaks an invariant fails the run; fuzz.sh prints where it was written
+# and how to keep it as a regression (tests/fuzz_regressions.rs replays
+# those, and the seeds, in the test run above).
+cargo fmt --manifest-path spec-tests/fuzz/Cargo.toml -- --check
+spec-tests/fuzz/fuzz.sh smoke "${FUZZ_SECONDS:-40}"
+
 # The comparison with Postfix + OpenDKIM as a smoke run (200 messages of
 # 10 KiB each way, DKIM verified on both): proves the harness works end to
 # end, packages included; no figure is checked. The full comparison is run

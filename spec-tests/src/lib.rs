@@ -22,13 +22,26 @@
 //!   and SPF-type records, CNAMEs, SERVFAIL for `TIMEOUT`).
 //! - [`dialogue`]: the `.smtp` fixture format and its runner.
 //! - [`tools`]: running independent clients (Python smtplib, swaks).
+//! - [`fuzz`]: the fuzz targets and their invariants, run by the libFuzzer
+//!   harness in `fuzz/` and replayed by `tests/fuzz_regressions.rs`.
 //!
 //! Nothing here is needed by the daemon.
 
 pub mod client;
 pub mod dialogue;
 pub mod dns;
+pub mod fuzz;
 pub mod server;
 pub mod sink;
 pub mod spf_dns;
 pub mod tools;
+
+/// The message of a caught panic (`std::panic::catch_unwind`), for tests
+/// that run many cases and report every failure at the end.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_default()
+}

@@ -40,11 +40,7 @@ fn every_fixture_dialogue_holds() {
         let result =
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| dialogue.run(&server)));
         if let Err(e) = result {
-            let msg = e
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_default();
+            let msg = spec_tests::panic_message(&*e);
             failures.push(format!(
                 "{}: {msg}",
                 file.strip_prefix(&root).unwrap().display()

@@ -60,6 +60,9 @@ impl Faults {
 pub struct DataReader {
     body: Vec<u8>,
     max_size: u64,
+    /// Content bytes seen, stored or not: the size verdict must not depend
+    /// on whether another fault came first, nor on how the input was cut.
+    size: u64,
     /// At the start of a line (after a real CRLF).
     line_start: bool,
     /// Bytes of the current line so far (across bare LFs).
@@ -72,6 +75,7 @@ impl DataReader {
         DataReader {
             body: Vec::with_capacity(16 * 1024),
             max_size,
+            size: 0,
             line_start: true,
             line_len: 0,
             faults: Faults::default(),
@@ -99,12 +103,14 @@ impl DataReader {
                         break; // wait for the rest of the line
                     }
                     // A long partial line: take it, but leave a final CR,
-                    // which may start the CRLF that ends the line.
+                    // which may start the CRLF that ends the line. With its
+                    // end still to come, the line is already too long.
                     let take = if rest.ends_with(b"\r") {
                         rest.len() - 1
                     } else {
                         rest.len()
                     };
+                    self.faults.long_line = true;
                     self.segment(&rest[..take], false);
                     pos += take;
                 }
@@ -142,11 +148,12 @@ impl DataReader {
     }
 
     fn store(&mut self, content: &[u8]) {
-        if self.faults.any() {
-            return; // refused anyway: keep no more than we must
-        }
-        if self.body.len() as u64 + content.len() as u64 > self.max_size {
+        self.size += content.len() as u64;
+        if self.size > self.max_size {
             self.faults.too_big = true;
+        }
+        if self.faults.any() {
+            // Refused anyway: keep no more than we must.
             self.body = Vec::new();
             return;
         }
@@ -167,6 +174,8 @@ impl DataReader {
 pub struct ChunkReader {
     body: Vec<u8>,
     max_size: u64,
+    /// Content bytes seen, stored or not (as `DataReader::size`).
+    size: u64,
     /// The last byte seen was a CR, whose LF may come in the next chunk.
     pending_cr: bool,
     line_len: usize,
@@ -178,6 +187,7 @@ impl ChunkReader {
         ChunkReader {
             body: Vec::new(),
             max_size,
+            size: 0,
             pending_cr: false,
             line_len: 0,
             faults: Faults::default(),
@@ -188,7 +198,9 @@ impl ChunkReader {
         self.faults
     }
 
-    /// Checks and stores one piece of a chunk.
+    /// Checks and stores one piece of a chunk. `line_len` counts the bytes
+    /// of the current line with its CR, so a line is too long when the LF
+    /// that ends it would take it past `MAX_LINE`, as for DATA.
     pub fn feed(&mut self, data: &[u8]) {
         let mut pos = 0;
         while pos < data.len() {
@@ -205,7 +217,8 @@ impl ChunkReader {
             match memchr::memchr2(b'\r', b'\n', &data[pos..]) {
                 Some(i) => {
                     self.line_len += i + 1;
-                    if self.line_len > MAX_LINE {
+                    // The LF after a CR makes the line one byte longer.
+                    if self.line_len + usize::from(data[pos + i] == b'\r') > MAX_LINE {
                         self.faults.long_line = true;
                     }
                     if data[pos + i] == b'\r' {
@@ -224,11 +237,11 @@ impl ChunkReader {
                 }
             }
         }
-        if self.faults.any() {
-            return;
-        }
-        if self.body.len() as u64 + data.len() as u64 > self.max_size {
+        self.size += data.len() as u64;
+        if self.size > self.max_size {
             self.faults.too_big = true;
+        }
+        if self.faults.any() {
             self.body = Vec::new();
             return;
         }
@@ -240,10 +253,22 @@ impl ChunkReader {
         if self.pending_cr {
             self.faults.bare_cr = true;
         }
-        self.faults.verdict(self.max_size)?;
         // DKIM's canonicalizations both treat a missing final CRLF as
         // present, and relaying by DATA needs it: adding it changes nothing.
-        if !self.body.is_empty() && !self.body.ends_with(b"\r\n") {
+        // It ends the last line and is stored, so it counts toward the line
+        // and the size limits, as in DATA.
+        let unterminated = self.line_len > 0;
+        if unterminated {
+            self.size += 2;
+            if self.size > self.max_size {
+                self.faults.too_big = true;
+            }
+            if self.line_len + 2 > MAX_LINE {
+                self.faults.long_line = true;
+            }
+        }
+        self.faults.verdict(self.max_size)?;
+        if unterminated {
             self.body.extend_from_slice(b"\r\n");
         }
         Ok(self.body)
@@ -353,6 +378,39 @@ mod tests {
         assert_eq!((e.code, e.status), (552, Some(Status(5, 3, 4))));
     }
 
+    /// Found by fuzzing (data_reader): the size was only counted while the
+    /// content was clean, so which refusal a client got (552 or 554)
+    /// depended on which fault came first and on how TCP cut the input: a
+    /// line of 1000 characters arriving without its CRLF was stored as a
+    /// partial line and overflowed a small limit (552), the same line in one
+    /// read was too long (554 5.6.0).
+    #[test]
+    fn the_refusal_does_not_depend_on_how_the_input_is_cut() {
+        let mut input = vec![b'a'; 1000];
+        input.extend_from_slice(b"\r\n.\r\n");
+        let mut replies = Vec::new();
+        for step in [1001, 2000] {
+            let mut r = DataReader::new(500);
+            let mut buf = Vec::new();
+            for piece in input.chunks(step) {
+                buf.extend_from_slice(piece);
+                let (n, _) = r.feed(&buf);
+                buf.drain(..n);
+            }
+            let e = r.finish().unwrap_err();
+            replies.push((e.code, e.status));
+        }
+        // Too big before too long: the size counts all the content.
+        assert_eq!(replies, [(552, Some(Status(5, 3, 4))); 2]);
+        let mut late = vec![b'b'; 1200];
+        late.extend_from_slice(b"\r\n");
+        late.extend_from_slice(&[b'c'; 600]);
+        late.extend_from_slice(b"\r\n.\r\n");
+        let mut r = DataReader::new(1000);
+        assert!(r.feed(&late).1);
+        assert_eq!(r.finish().unwrap_err().code, 552);
+    }
+
     fn read_chunks(chunks: &[&[u8]]) -> Result<Vec<u8>, Reply> {
         let mut r = ChunkReader::new(1 << 20);
         for c in chunks {
@@ -379,6 +437,33 @@ mod tests {
         assert_eq!(read_chunks(&[b"a\r", b"b\r\n"]).unwrap_err().code, 554);
         assert_eq!(read_chunks(&[b"a\r"]).unwrap_err().code, 554);
         assert_eq!(read_chunks(&[b"\r\n.\n"]).unwrap_err().code, 554);
+    }
+
+    /// Found by fuzzing (data_reader, DATA against BDAT): BDAT counted a
+    /// line's CR but not its LF, so it took a line of 999 characters that
+    /// DATA refuses, and a last line of 999 characters without its CRLF.
+    #[test]
+    fn bdat_lines_have_the_limit_of_data_lines() {
+        let line = |n: usize, end: &[u8]| [vec![b'x'; n], end.to_vec()].concat();
+        assert!(read_chunks(&[&line(998, b"\r\n")]).is_ok());
+        for refused in [line(999, b"\r\n"), line(999, b"")] {
+            let e = read_chunks(&[&refused[..500], &refused[500..]]).unwrap_err();
+            assert_eq!((e.code, e.status), (554, Some(Status(5, 6, 0))));
+        }
+        assert!(read_chunks(&[&line(998, b"")]).is_ok());
+    }
+
+    /// Found by fuzzing (smtp_session): the CRLF that BDAT adds to a last
+    /// line without one was not counted, so a message of up to two bytes
+    /// over `max_message_size` was accepted.
+    #[test]
+    fn the_crlf_bdat_adds_counts_toward_the_size() {
+        let mut r = ChunkReader::new(10);
+        r.feed(b"123456789");
+        assert_eq!(r.finish().unwrap_err().code, 552);
+        let mut r = ChunkReader::new(10);
+        r.feed(b"12345678");
+        assert_eq!(r.finish().unwrap(), b"12345678\r\n");
     }
 
     #[test]

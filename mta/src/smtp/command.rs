@@ -4,7 +4,7 @@
 
 use std::fmt;
 
-use super::reply::{Reply, Status};
+use super::reply::{Reply, Status, quote};
 
 /// A parsed command.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -115,6 +115,8 @@ pub struct MailParams {
 const MAX_LOCAL: usize = 64;
 const MAX_DOMAIN: usize = 255;
 const MAX_PATH: usize = 256;
+/// How much of an unknown parameter's name a reply quotes.
+const MAX_PARAM_NAME: usize = 64;
 
 fn unrecognized() -> Reply {
     Reply::new(500, Status(5, 5, 2), "Command unrecognized")
@@ -235,7 +237,10 @@ fn parse_rcpt(rest: &str) -> Result<Command, Reply> {
         return Err(Reply::new(
             555,
             Status(5, 5, 4),
-            format!("Unsupported RCPT TO parameter {}", param_name(p)),
+            format!(
+                "Unsupported RCPT TO parameter {}",
+                quote(&param_name(p), MAX_PARAM_NAME)
+            ),
         ));
     }
     Ok(Command::Rcpt { to })
@@ -287,7 +292,10 @@ fn parse_mail_params(s: &str) -> Result<MailParams, Reply> {
                 return Err(Reply::new(
                     555,
                     Status(5, 5, 4),
-                    format!("Unsupported MAIL FROM parameter {key}"),
+                    format!(
+                        "Unsupported MAIL FROM parameter {}",
+                        quote(&key, MAX_PARAM_NAME)
+                    ),
                 ));
             }
         }

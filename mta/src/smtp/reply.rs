@@ -84,6 +84,29 @@ impl fmt::Display for Reply {
     }
 }
 
+/// Client text quoted in a reply: control characters become `?` (a CR
+/// would break the reply line, and with an LF after it let a client write
+/// reply lines of its own) and the text is cut after `max` characters with
+/// `...`, so that the reply stays one line within the 512 octets of RFC 5321
+/// §4.5.3.1.5.
+pub fn quote(text: &str, max: usize) -> Cow<'_, str> {
+    let clean = !text.chars().any(char::is_control);
+    match text.char_indices().nth(max) {
+        None if clean => Cow::Borrowed(text),
+        cut => {
+            let end = cut.map_or(text.len(), |(i, _)| i);
+            let mut out: String = text[..end]
+                .chars()
+                .map(|c| if c.is_control() { '?' } else { c })
+                .collect();
+            if cut.is_some() {
+                out.push_str("...");
+            }
+            Cow::Owned(out)
+        }
+    }
+}
+
 /// Replies used in more than one place.
 pub mod replies {
     use super::{Reply, Status};
@@ -160,6 +183,19 @@ mod tests {
         let r = Reply::plain(250, "host\nPIPELINING\nSIZE 10");
         assert_eq!(wire(&r), "250-host\r\n250-PIPELINING\r\n250 SIZE 10\r\n");
         assert_eq!(wire(&Reply::plain(334, "")), "334 \r\n");
+    }
+
+    /// Found by fuzzing (smtp_session): a CR inside a MAIL/RCPT parameter
+    /// was echoed into the 555 reply, and a long EHLO name or parameter made
+    /// reply lines longer than RFC 5321 allows.
+    #[test]
+    fn quoted_client_text_is_one_short_line() {
+        assert_eq!(quote("X-FOO", 64), "X-FOO");
+        assert!(matches!(quote("X-FOO", 64), Cow::Borrowed(_)));
+        assert_eq!(quote("A\rB\u{7f}\tC", 64), "A?B??C");
+        assert_eq!(quote("abcdef", 3), "abc...");
+        assert_eq!(quote("ééé", 2), "éé...");
+        assert_eq!(quote("", 0), "");
     }
 
     #[test]

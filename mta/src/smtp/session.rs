@@ -22,7 +22,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 
 use super::body::{ChunkReader, DataReader};
 use super::command::{self, Command, Domain, MailParams, Mailbox};
-use super::reply::{Reply, Status, replies};
+use super::reply::{Reply, Status, quote, replies};
 use crate::policy::Policy;
 
 /// Line limit for commands (RFC 5321 §4.5.3.1.4 allows 512; the issue of
@@ -558,7 +558,8 @@ impl Session {
         let mut text = format!(
             "{} Hello {} [{}]\nPIPELINING\nSIZE {}\n8BITMIME\nSMTPUTF8\nENHANCEDSTATUSCODES\nCHUNKING",
             self.cfg.hostname,
-            name,
+            // The name is the client's: one short line (RFC 5321 4.5.3.1.5).
+            quote(name, 128),
             crate::policy::canonical_ip(self.peer.ip),
             self.cfg.max_message_size
         );

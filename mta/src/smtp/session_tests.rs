@@ -679,3 +679,27 @@ fn every_refusal_is_an_event_with_its_command() {
         .collect();
     assert_eq!(cmds, ["RCPT", "UNKNOWN"]);
 }
+
+/// Found by fuzzing (smtp_session): client text echoed in replies broke
+/// them. A CR inside an unknown RCPT parameter went into the 555 reply as a
+/// bare CR, and a 900-character EHLO name made a 250 line of over 512
+/// octets (RFC 5321 4.5.3.1.5).
+#[test]
+fn client_text_in_replies_stays_one_short_line() {
+    let mut t = T::relay();
+    let name = "h".repeat(900);
+    let out = t.say(&format!("EHLO {name}\r\n"));
+    assert!(out.lines().all(|l| l.len() + 2 <= 512), "{out}");
+    assert!(out.starts_with(&format!("250-mx.test Hello {}... [", "h".repeat(128))));
+    t.say("MAIL FROM:<a@acme.example>\r\n");
+    let out = t.say("RCPT TO:<b@dest.example> X\rY=1\r\n");
+    assert_eq!(out, "555 5.5.4 Unsupported RCPT TO parameter X?Y\r\n");
+    let out = t.say(&format!("RCPT TO:<b@dest.example> {}\r\n", "P".repeat(300)));
+    assert_eq!(
+        out,
+        format!(
+            "555 5.5.4 Unsupported RCPT TO parameter {}...\r\n",
+            "P".repeat(64)
+        )
+    );
+}
