@@ -83,7 +83,7 @@ case "${1:-}" in
       # A new artifact directory per run, so only this run's finds are reported.
       rm -rf "$work/artifacts/$target"
       if fuzz "$target" -max_total_time="$seconds" >"$log" 2>&1; then
-        grep -E '^#[0-9]+ +DONE|^stat::number_of_executed_units|^stat::average_exec_per_sec' "$log" || true
+        grep -E '^#[0-9]+[[:space:]]+DONE|^stat::number_of_executed_units|^stat::average_exec_per_sec' "$log" || true
       else
         tail -n 40 "$log"
         failed+=("$target")
@@ -96,7 +96,7 @@ case "${1:-}" in
           cat >&2 <<EOF
 fuzz target $target: an input broke an invariant: $input
   see it fail again:   $bin_dir/$target $input
-  minimise it:         $bin_dir/$target -minimize_crash=1 -runs=10000 -exact_artifact_path=min.bin $input
+  minimise it:         $bin_dir/$target -minimize_crash=1 -runs=100000 -exact_artifact_path=min.bin $input
   keep it as a test:   cp min.bin $here/regressions/$target/<what-it-found>
                        (tests/fuzz_regressions.rs replays it in every test run), then fix the bug
 EOF
