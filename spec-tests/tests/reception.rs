@@ -114,6 +114,20 @@ fn a_tenant_can_never_send_as_another_tenant() {
     assert_eq!(server.queue().len(), 1);
 }
 
+/// Waits for exactly `n` AuthFailure records and returns them.
+fn auth_failures(server: &TestServer, n: usize) -> Vec<mta::log::AuthFailure> {
+    server.wait_for(&format!("{n} AuthFailure records"), |rs| {
+        let f: Vec<_> = rs
+            .iter()
+            .filter_map(|r| match r {
+                Record::AuthFailure(f) => Some(f.clone()),
+                _ => None,
+            })
+            .collect();
+        (f.len() == n).then_some(f)
+    })
+}
+
 #[test]
 fn failed_auth_is_delayed_counted_per_session_and_per_address() {
     let server = TestServer::start(&format!(
@@ -147,16 +161,7 @@ fn failed_auth_is_delayed_counted_per_session_and_per_address() {
     assert_eq!((r.code, r.enhanced()), (421, Some("4.7.0")), "{r}");
     assert!(r.text().contains("your address"), "{r}");
 
-    let failures = server.wait_for("four AuthFailure records", |rs| {
-        let f: Vec<_> = rs
-            .iter()
-            .filter_map(|r| match r {
-                Record::AuthFailure(f) => Some(f.clone()),
-                _ => None,
-            })
-            .collect();
-        (f.len() == 4).then_some(f)
-    });
+    let failures = auth_failures(&server, 4);
     let users: Vec<_> = failures.iter().map(|f| f.user.as_str()).collect();
     assert_eq!(users, ["acme-app", "nobody", "acme-app", "acme-app"]);
     assert_eq!(failures[3].reason, "address locked out");
@@ -210,16 +215,7 @@ fn guessing_one_password_from_many_addresses_locks_out_the_guessers_not_the_clie
     );
     queued_id(replies.last().unwrap());
 
-    let failures = server.wait_for("six AuthFailure records", |rs| {
-        let f: Vec<_> = rs
-            .iter()
-            .filter_map(|r| match r {
-                Record::AuthFailure(f) => Some(f.clone()),
-                _ => None,
-            })
-            .collect();
-        (f.len() == 6).then_some(f)
-    });
+    let failures = auth_failures(&server, 6);
     let locked: Vec<_> = failures
         .iter()
         .filter(|f| f.reason == "user locked out")

@@ -1052,6 +1052,21 @@ impl Session {
         }
     }
 
+    /// A failed AUTH of this session: `reply`, or 421 and the end of the
+    /// session once it has had `max_auth_failures`.
+    fn count_auth_failure(&mut self, reply: Reply) -> Reply {
+        self.auth_failures += 1;
+        if self.auth_failures < self.cfg.max_auth_failures {
+            return reply;
+        }
+        self.closing = true;
+        Reply::new(
+            421,
+            Status(4, 7, 0),
+            "Too many failed authentication attempts; closing the connection",
+        )
+    }
+
     /// The driver's verdict on the credentials.
     pub fn auth_result(&mut self, outcome: AuthOutcome) {
         self.state = State::Command;
@@ -1075,40 +1090,22 @@ impl Session {
                 ));
                 return;
             }
-            AuthOutcome::UserLocked => {
-                self.auth_failures += 1;
-                if self.auth_failures >= self.cfg.max_auth_failures {
-                    self.closing = true;
-                    let r = Reply::new(
-                        421,
-                        Status(4, 7, 0),
-                        "Too many failed authentication attempts; closing the connection",
-                    );
-                    (r, "user locked out")
-                } else {
-                    let r = Reply::new(
-                        454,
-                        Status(4, 7, 0),
-                        "Too many failed logins as this user from new addresses; try again later, or from an address that has logged in as it before",
-                    );
-                    (r, "user locked out")
-                }
-            }
-            AuthOutcome::Failure { reason } => {
-                self.auth_failures += 1;
-                if self.auth_failures >= self.cfg.max_auth_failures {
-                    self.closing = true;
-                    let r = Reply::new(
-                        421,
-                        Status(4, 7, 0),
-                        "Too many failed authentication attempts; closing the connection",
-                    );
-                    (r, reason)
-                } else {
-                    let r = Reply::new(535, Status(5, 7, 8), "Authentication credentials invalid");
-                    (r, reason)
-                }
-            }
+            AuthOutcome::UserLocked => (
+                self.count_auth_failure(Reply::new(
+                    454,
+                    Status(4, 7, 0),
+                    "Too many failed logins as this user from new addresses; try again later, or from an address that has logged in as it before",
+                )),
+                "user locked out",
+            ),
+            AuthOutcome::Failure { reason } => (
+                self.count_auth_failure(Reply::new(
+                    535,
+                    Status(5, 7, 8),
+                    "Authentication credentials invalid",
+                )),
+                reason,
+            ),
             AuthOutcome::Locked => {
                 self.closing = true;
                 let r = Reply::new(
