@@ -944,12 +944,7 @@ impl Session {
                 self.state = State::AuthPlain;
                 None
             }
-            ("LOGIN", Some(user)) => {
-                let user = self.decode_text(user.as_bytes())?;
-                self.reply_quiet(Reply::plain(334, "UGFzc3dvcmQ6"));
-                self.state = State::AuthLoginPass { user };
-                None
-            }
+            ("LOGIN", Some(user)) => self.login_user(user.as_bytes()),
             ("LOGIN", None) => {
                 self.reply_quiet(Reply::plain(334, "VXNlcm5hbWU6"));
                 self.state = State::AuthLoginUser;
@@ -975,12 +970,7 @@ impl Session {
         }
         match state {
             State::AuthPlain => self.plain_response(line),
-            State::AuthLoginUser => {
-                let user = self.decode_text(line)?;
-                self.reply_quiet(Reply::plain(334, "UGFzc3dvcmQ6"));
-                self.state = State::AuthLoginPass { user };
-                None
-            }
+            State::AuthLoginUser => self.login_user(line),
             State::AuthLoginPass { user } => {
                 let password = self.decode_text(line)?;
                 self.state = State::Waiting;
@@ -1025,6 +1015,25 @@ impl Session {
                 None
             }
         }
+    }
+
+    /// The user name of AUTH LOGIN (initial response or answer to the
+    /// first challenge): asks for the password, or refuses an empty name
+    /// as PLAIN does (found by the session fuzzer).
+    fn login_user(&mut self, b64: &[u8]) -> Option<Step> {
+        let user = self.decode_text(b64)?;
+        if user.is_empty() {
+            self.state = State::Command;
+            self.reply(Reply::new(
+                501,
+                Status(5, 5, 2),
+                "Empty user name in the AUTH LOGIN response",
+            ));
+            return None;
+        }
+        self.reply_quiet(Reply::plain(334, "UGFzc3dvcmQ6"));
+        self.state = State::AuthLoginPass { user };
+        None
     }
 
     fn plain_response(&mut self, b64: &[u8]) -> Option<Step> {

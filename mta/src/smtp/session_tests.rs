@@ -333,6 +333,22 @@ fn auth_login_exchange() {
 }
 
 #[test]
+fn auth_login_with_an_empty_user_name_is_refused_like_plain() {
+    // Found by the session fuzzer: an empty line answering "Username:"
+    // went on to ask for the password and handed the driver an AUTH with
+    // no user name.
+    let mut t = T::new(config(), false, true);
+    t.say("EHLO c\r\n");
+    t.say("AUTH LOGIN\r\n");
+    assert!(t.say("\r\n").starts_with("501 5.5.2"));
+    // The session is back at commands; the same as an initial response.
+    assert!(t.say("NOOP\r\n").starts_with("250"));
+    assert_eq!(t.say("AUTH LOGIN YWNtZS1hcHA=\r\n"), "334 UGFzc3dvcmQ6\r\n");
+    t.say("*\r\n");
+    assert!(t.say("AUTH LOGIN =\r\n").starts_with("501 5.5.2"));
+}
+
+#[test]
 fn auth_cancel_bad_base64_and_unknown_mechanism() {
     let mut t = T::new(config(), false, true);
     t.say("EHLO c\r\n");
