@@ -898,21 +898,8 @@ fn a_dns_server_that_never_answers_defers_and_the_message_stays_queued() {
     // domain, so the recipient is deferred (4.4.3), not bounced.
     let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let addr = silent.local_addr().unwrap();
-    let server = TestServer::start(&format!(
-        "[dns]\nnameservers = [\"{addr}\"]\ntimeout = \"1s\"\n[delivery]\nretry_initial = \"1h\"\nbounces = false\n"
-    ));
-    let id = submit(
-        &server,
-        "news@sender.test",
-        &["a@dest.test"],
-        &message("news@sender.test", "a@dest.test", "no answer"),
-    );
-    let deferred = first(&server, &id, "TransientFailure", "a@dest.test");
-    assert_eq!(deferred.reply.enhanced_code.as_deref(), Some("4.4.3"));
-    assert_eq!(deferred.scope.as_deref(), Some("destination"));
+    let deferred = deferred_by_dns(addr, "timeout = \"1s\"\n", "no answer");
     assert!(deferred.next_attempt.is_some());
-    let rec = server.queue().get(id.parse().unwrap()).unwrap();
-    assert_eq!(rec.recipients[0].state, queue::RecipientState::Deferred);
     drop(silent);
 }
 
@@ -953,20 +940,7 @@ fn a_dns_server_answering_servfail_defers() {
             }
         })
     };
-    let server = TestServer::start(&format!(
-        "[dns]\nnameservers = [\"{addr}\"]\n[delivery]\nretry_initial = \"1h\"\nbounces = false\n"
-    ));
-    let id = submit(
-        &server,
-        "news@sender.test",
-        &["a@dest.test"],
-        &message("news@sender.test", "a@dest.test", "servfail"),
-    );
-    let deferred = first(&server, &id, "TransientFailure", "a@dest.test");
-    assert_eq!(deferred.reply.enhanced_code.as_deref(), Some("4.4.3"));
-    assert_eq!(deferred.scope.as_deref(), Some("destination"));
-    let rec = server.queue().get(id.parse().unwrap()).unwrap();
-    assert_eq!(rec.recipients[0].state, queue::RecipientState::Deferred);
+    deferred_by_dns(addr, "", "servfail");
     assert!(answered.load(std::sync::atomic::Ordering::Relaxed) > 0);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     responder.join().unwrap();
@@ -979,4 +953,26 @@ fn question_len(q: &[u8]) -> usize {
         i += 1 + q[i] as usize;
     }
     (i + 1 + 4).min(q.len())
+}
+
+/// Submits a message for a@dest.test to a daemon whose only name server is
+/// `nameserver` (with `dns_extra` in `[dns]`), and checks that the DNS
+/// failure deferred it (4.4.3, destination scope) and left it queued;
+/// returns the TransientFailure.
+fn deferred_by_dns(nameserver: std::net::SocketAddr, dns_extra: &str, subject: &str) -> Attempt {
+    let server = TestServer::start(&format!(
+        "[dns]\nnameservers = [\"{nameserver}\"]\n{dns_extra}[delivery]\nretry_initial = \"1h\"\nbounces = false\n"
+    ));
+    let id = submit(
+        &server,
+        "news@sender.test",
+        &["a@dest.test"],
+        &message("news@sender.test", "a@dest.test", subject),
+    );
+    let deferred = first(&server, &id, "TransientFailure", "a@dest.test");
+    assert_eq!(deferred.reply.enhanced_code.as_deref(), Some("4.4.3"));
+    assert_eq!(deferred.scope.as_deref(), Some("destination"));
+    let rec = server.queue().get(id.parse().unwrap()).unwrap();
+    assert_eq!(rec.recipients[0].state, queue::RecipientState::Deferred);
+    deferred
 }
