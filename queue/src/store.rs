@@ -42,6 +42,9 @@ const SCHED: u8 = b's';
 const QUAR: u8 = b'q';
 const KEYS: u8 = b'k';
 
+/// Locks serializing changes per message, chosen by ID.
+const SERIAL_STRIPES: usize = 64;
+
 fn keys_key(id: KeyId) -> [u8; 9] {
     let mut k = [0u8; 9];
     k[0] = KEYS;
@@ -62,6 +65,11 @@ fn sched_key(due_ms: u64, id: QueueId) -> [u8; 17] {
     k[1..9].copy_from_slice(&due_ms.to_be_bytes());
     k[9..].copy_from_slice(&id.to_be_bytes());
     k
+}
+
+/// The due time a schedule key names.
+fn due_of_key(k: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(k.get(1..9)?.try_into().ok()?))
 }
 
 fn id_from_key(k: &[u8]) -> Option<QueueId> {
@@ -323,6 +331,9 @@ struct Inner {
     commit: GroupCommit,
     ids: IdGenerator,
     claimed: Mutex<HashSet<QueueId>>,
+    /// Serializes the changes of one message's record and schedule key
+    /// (striped by ID): see [`Inner::serialize`].
+    serial: Vec<Mutex<()>>,
     compact_below: f64,
     /// The queue's shape, kept up to date by every write; `None` for a
     /// store opened for inspection, which recovery did not count.
@@ -506,6 +517,7 @@ impl Queue {
                 content,
                 ids: IdGenerator::starting_after(last),
                 claimed: Mutex::new(HashSet::new()),
+                serial: (0..SERIAL_STRIPES).map(|_| Mutex::new(())).collect(),
                 compact_below: config.compact_below,
                 gauges,
                 codec,
@@ -538,14 +550,17 @@ impl Queue {
             None => self.inner.content.append_entry(id, false, &msg.content)?,
         };
         drop(sealed);
-        let (batch, added) = match self.enqueue_batch(msg, content) {
+        let (bytes, added) = match self.enqueue_record(msg, content) {
             Ok(b) => b,
             Err(e) => {
                 self.inner.content.release(&content);
                 return Err(e);
             }
         };
-        if let Err(e) = self.inner.tree.apply_batch(batch) {
+        // One key, so a plain insert: atomic by itself, and unlike a sled
+        // batch or transaction it does not seal sled's I/O buffer (a batch
+        // seals it twice, each seal a write on sled's thread pool).
+        if let Err(e) = self.inner.tree.insert(key(MSG, id), bytes) {
             self.inner.content.release(&content);
             let e = QueueError::Store(e);
             // sled keeps an I/O error (ENOSPC above all) as fatal to the
@@ -567,11 +582,11 @@ impl Queue {
         })
     }
 
-    fn enqueue_batch(
+    fn enqueue_record(
         &self,
         msg: NewMessage,
         content: ContentRef,
-    ) -> Result<(sled::Batch, Contribution), QueueError> {
+    ) -> Result<(Vec<u8>, Contribution), QueueError> {
         let due = msg.received_ms;
         let mut seen = HashSet::new();
         let recipients = msg
@@ -592,11 +607,9 @@ impl Queue {
             scheduled_ms: Some(due),
             content,
         };
-        let mut batch = sled::Batch::default();
         // No schedule key yet: the message becomes due only once it is
         // durable and the caller let go of its `Enqueued` (see there).
-        batch.insert(&key(MSG, msg.id), self.inner.codec.encode(&record)?);
-        Ok((batch, Contribution::of(&record)))
+        Ok((self.inner.codec.encode(&record)?, Contribution::of(&record)))
     }
 
     fn undo_enqueue(&self, id: QueueId) {
@@ -632,6 +645,7 @@ impl Queue {
             }
             let (k, _) = entry?;
             let Some(id) = id_from_key(&k) else { continue };
+            let serial = self.inner.serialize(id);
             if self
                 .inner
                 .claimed
@@ -652,12 +666,16 @@ impl Queue {
                 Ok(record) => record,
                 // Tampered with while we run: out of the schedule, kept.
                 Err(Ok(refused)) => {
+                    drop(serial);
                     self.inner.quarantine(id, refused);
                     continue;
                 }
                 Err(Err(e)) => return Err(e),
             };
-            if record.held || record.is_complete() {
+            // A key the record no longer names (left by a change that
+            // failed half-way) is only removed: the record's own key, if
+            // it has one, is elsewhere in the range or still to come.
+            if record.held || record.is_complete() || record.scheduled_ms != due_of_key(&k) {
                 continue;
             }
             self.inner.claimed.lock().expect("claims lock").insert(id);
@@ -823,6 +841,7 @@ impl Queue {
     /// Removes a message and its content. Returns what it was, so the caller
     /// can write one final record per pending recipient.
     pub async fn delete(&self, id: QueueId) -> Result<MessageRecord, QueueError> {
+        let serial = self.inner.serialize(id);
         let removed = self.transact(|tx| {
             let Some(bytes) = tx.get(key(MSG, id))? else {
                 return Ok(None);
@@ -838,6 +857,7 @@ impl Queue {
             tx.remove(&key(MSG, id))?;
             Ok(Some(rec))
         })?;
+        drop(serial);
         let rec = removed.ok_or(QueueError::NotFound(id))?;
         self.gauges_changed(Some(Contribution::of(&rec)), None);
         self.inner.commit.durable().await?;
@@ -878,7 +898,16 @@ impl Queue {
         settling: bool,
         f: impl FnMut(&mut MessageRecord),
     ) -> Result<(AfterOutcome, Option<ContentRef>), QueueError> {
-        let f = std::cell::RefCell::new(f);
+        let mut f = f;
+        // Not a sled transaction: one read, then a compare-and-swap of the
+        // one key that is durable state. A transaction (or batch) seals
+        // sled's I/O buffer twice, and each seal is a write on sled's thread
+        // pool, which wakes all its threads: that cost about a quarter of a
+        // millisecond per message. The schedule keys are an index that
+        // recovery rebuilds from the records, so they need not change in
+        // the same atomic step; the message's lock keeps every change of
+        // its record and its schedule key in one order.
+        let _serial = self.inner.serialize(id);
         let claimed = !settling
             && self
                 .inner
@@ -886,47 +915,56 @@ impl Queue {
                 .lock()
                 .expect("claims lock")
                 .contains(&id);
-        // The shape before and after comes out of the run that committed
-        // (sled may run the closure more than once).
-        let (after, released, shape_before, shape_after) = self.transact(|tx| {
-            let Some(bytes) = tx.get(key(MSG, id))? else {
-                return Ok((AfterOutcome::Gone, None, None, None));
+        let tree = &self.inner.tree;
+        loop {
+            let Some(bytes) = tree.get(key(MSG, id))? else {
+                return Ok((AfterOutcome::Gone, None));
             };
-            let mut rec = self
-                .inner
-                .codec
-                .decode(id, &bytes)
-                .map_err(ConflictableTransactionError::Abort)?;
-            let before = Some(Contribution::of(&rec));
-            (f.borrow_mut())(&mut rec);
-            if let Some(s) = rec.scheduled_ms.take() {
-                tx.remove(&sched_key(s, id))?;
-            }
-            if rec.is_complete() {
-                tx.remove(&key(MSG, id))?;
-                return Ok((AfterOutcome::Complete, Some(rec.content), before, None));
-            }
-            let next = rec.next_due_ms();
-            if !rec.held
-                && let Some(due) = next
-            {
-                rec.scheduled_ms = Some(due);
-                // While claimed, the delivery in progress settles the schedule.
-                if !claimed {
-                    tx.insert(&sched_key(due, id), &[])?;
+            let mut rec = self.inner.codec.decode(id, &bytes)?;
+            let before = Contribution::of(&rec);
+            f(&mut rec);
+            let old_due = rec.scheduled_ms.take();
+            let (value, after, released, now, new_due) = if rec.is_complete() {
+                (None, AfterOutcome::Complete, Some(rec.content), None, None)
+            } else {
+                let next = rec.next_due_ms();
+                let mut new_due = None;
+                if !rec.held
+                    && let Some(due) = next
+                {
+                    rec.scheduled_ms = Some(due);
+                    // While claimed, the delivery in progress settles the schedule.
+                    new_due = (!claimed).then_some(due);
                 }
+                let now = Contribution::of(&rec);
+                (
+                    Some(self.inner.codec.encode(&rec)?),
+                    AfterOutcome::Pending { next_due_ms: next },
+                    None,
+                    Some(now),
+                    new_due,
+                )
+            };
+            if tree
+                .compare_and_swap(key(MSG, id), Some(&bytes), value)?
+                .is_err()
+            {
+                // Rewritten meanwhile (compaction, rekey): start again from
+                // what is there now.
+                continue;
             }
-            self.put_record(tx, id, &rec)?;
-            let now = Some(Contribution::of(&rec));
-            Ok((
-                AfterOutcome::Pending { next_due_ms: next },
-                None,
-                before,
-                now,
-            ))
-        })?;
-        self.gauges_changed(shape_before, shape_after);
-        Ok((after, released))
+            if let Some(s) = old_due
+                && old_due != new_due
+            {
+                tree.remove(sched_key(s, id))?;
+            }
+            // Even when it is the old due time: a claim took the old key.
+            if let Some(due) = new_due {
+                tree.insert(sched_key(due, id), &[])?;
+            }
+            self.gauges_changed(Some(before), now);
+            return Ok((after, released));
+        }
     }
 
     fn gauges_changed(&self, before: Option<Contribution>, after: Option<Contribution>) {
@@ -1656,6 +1694,7 @@ impl Drop for Enqueued {
             return;
         };
         let (id, due) = (self.id, self.due);
+        let _serial = inner.serialize(id);
         // Idempotent, and only for a message still waiting at that time:
         // a hold, deletion or reschedule in between has settled it already.
         let result = (|| -> Result<(), QueueError> {
@@ -1701,9 +1740,22 @@ impl Claim {
 }
 
 impl Inner {
+    /// Held while a message's record and its schedule key change, so that
+    /// those changes, which are not one atomic step (see
+    /// [`Queue::update`]), happen in one order for each message: otherwise
+    /// a removal of an old key could follow an insert of the same key.
+    fn serialize(&self, id: QueueId) -> std::sync::MutexGuard<'_, ()> {
+        let stripe = (id.as_u64() as usize) % self.serial.len();
+        // The guarded data is (): a panic elsewhere leaves nothing to repair.
+        self.serial[stripe]
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// Takes a record out of the live queue into quarantine (`q<id>`),
     /// keeping its envelope as it was and its content where it is.
     fn quarantine(&self, id: QueueId, refused: Refused) {
+        let _serial = self.serialize(id);
         let result = self.tree.transaction(|tx| {
             let Some(bytes) = tx.get(key(MSG, id))? else {
                 return Ok(false);
@@ -1737,6 +1789,7 @@ impl Inner {
 
     /// Puts a claimed message back in the schedule without recording anything.
     fn unclaim(&self, id: QueueId) {
+        let serial = self.serialize(id);
         let result = (|| -> Result<(), QueueError> {
             if let Some(bytes) = self.tree.get(key(MSG, id))? {
                 let rec = self.codec.decode(id, &bytes)?;
@@ -1753,6 +1806,7 @@ impl Inner {
             tracing::error!(queue_id = %id, error = %e, "could not return a claimed message to the schedule");
         }
         self.claimed.lock().expect("claims lock").remove(&id);
+        drop(serial);
     }
 }
 
@@ -2197,5 +2251,112 @@ mod tests {
         drop(pass); // cancelled between its steps
         assert_accounted(&q);
         assert_contents(&q, &kept);
+    }
+
+    /// Every schedule key names its message's `scheduled_ms`, and each
+    /// message that is due, not held and not claimed has exactly its key.
+    fn assert_schedule_matches_records(q: &Queue) {
+        let mut keys: HashMap<QueueId, Vec<u64>> = HashMap::new();
+        for k in q.inner.tree.scan_prefix([SCHED]).keys() {
+            let k = k.unwrap();
+            keys.entry(id_from_key(&k).unwrap())
+                .or_default()
+                .push(due_of_key(&k).unwrap());
+        }
+        let claimed = q.inner.claimed.lock().unwrap().clone();
+        for rec in q.records() {
+            let rec = rec.unwrap();
+            let want = match rec.scheduled_ms {
+                Some(due) if !rec.held && !claimed.contains(&rec.id) => vec![due],
+                _ => vec![],
+            };
+            let have = keys.remove(&rec.id).unwrap_or_default();
+            assert_eq!(
+                have, want,
+                "schedule keys of {} (held {})",
+                rec.id, rec.held
+            );
+        }
+        assert!(keys.is_empty(), "keys of messages that are gone: {keys:?}");
+    }
+
+    fn one_recipient(q: &Queue, at: u64) -> NewMessage {
+        NewMessage {
+            id: q.next_id(at),
+            received_ms: at,
+            tenant: None,
+            sender: "s@example.com".into(),
+            recipients: vec!["r@d.example".into()],
+            submission: Submission::default(),
+            content: content_of(at),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_schedule_key_the_record_does_not_name_claims_nothing_and_goes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (q, _) = reopen(&dir);
+        let id = q.enqueue(one_recipient(&q, T0)).await.unwrap().id();
+        let claim = q.claim_due(T0, 10).unwrap().pop().unwrap();
+        let deferred = Outcome::Deferred {
+            reply: "451 later".into(),
+            next_attempt_ms: T0 + HOUR,
+        };
+        q.record_outcomes(claim, vec![(0, deferred)]).await.unwrap();
+        // What a change that failed between its record and its key leaves.
+        q.inner.tree.insert(sched_key(T0 + 5, id), &[]).unwrap();
+        assert!(
+            q.claim_due(T0 + 10, 10).unwrap().is_empty(),
+            "not before its retry time"
+        );
+        assert_schedule_matches_records(&q);
+        let claims = q.claim_due(T0 + HOUR, 10).unwrap();
+        assert_eq!(claims.len(), 1);
+        assert_eq!(claims[0].record.id, id);
+    }
+
+    /// Record changes are a compare-and-swap followed by the schedule key's
+    /// change, not one transaction: holds, releases, retries and outcomes
+    /// racing on the same messages must still leave one key per due
+    /// message, the one its record names.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn racing_changes_leave_each_message_exactly_the_key_its_record_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let (q, _) = reopen(&dir);
+        let mut ids = Vec::new();
+        for i in 0..8 {
+            ids.push(q.enqueue(one_recipient(&q, T0 + i)).await.unwrap().id());
+        }
+        let ids = Arc::new(ids);
+        let mut tasks = Vec::new();
+        for worker in 0..4u64 {
+            let (q, ids) = (q.clone(), ids.clone());
+            tasks.push(tokio::spawn(async move {
+                for round in 0..300u64 {
+                    let id = ids[((round * 7 + worker * 3) % 8) as usize];
+                    let result = match (round + worker) % 4 {
+                        0 => q.hold(id).await.map(|_| ()),
+                        1 => q.release(id).await.map(|_| ()),
+                        2 => q.retry_now(id, T0 + round % 3).await.map(|_| ()),
+                        _ => {
+                            for claim in q.claim_due(T0 + 2 * HOUR, 2).unwrap() {
+                                let deferred = Outcome::Deferred {
+                                    reply: "451 later".into(),
+                                    next_attempt_ms: T0 + (round % 5) * 60_000,
+                                };
+                                q.record_outcomes(claim, vec![(0, deferred)]).await.unwrap();
+                            }
+                            Ok(())
+                        }
+                    };
+                    result.unwrap();
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(q.len(), 8);
+        assert_schedule_matches_records(&q);
     }
 }
