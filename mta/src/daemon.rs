@@ -327,6 +327,7 @@ async fn open_queue(config: &Config) -> Result<(Queue, RecoveryReport), StartErr
     let mut qc = QueueConfig::new(queue_path(&config.data_dir));
     qc.cache_capacity = config.queue.cache_mb * 1024 * 1024;
     qc.commit_timeout = config.queue.commit_timeout;
+    qc.commit_gather = config.queue.commit_gather;
     qc.keys = keys.clone();
     let opened = tokio::task::spawn_blocking(move || Queue::open(&qc))
         .await

@@ -20,7 +20,9 @@
 //!   for all writers waiting at that moment. `enqueue` returns `Ok` only
 //!   after that, and only then may reception answer `250`. Concurrent
 //!   sessions share one fsync (group commit), so durability is the default,
-//!   not a slow mode. Only then does the message enter the schedule, when
+//!   not a slow mode. Writes announced with [`Queue::expect_write`] (a
+//!   message being signed) hold a commit back for at most
+//!   [`QueueConfig::commit_gather`], so that they share it. Only then does the message enter the schedule, when
 //!   the caller lets go of the returned [`Enqueued`] (reception does after
 //!   writing its Reception record): nothing is delivered before it is
 //!   durable and its reception logged.
@@ -101,7 +103,7 @@ mod record;
 mod store;
 
 pub use codec::QuarantineKind;
-pub use commit::CommitStats;
+pub use commit::{CommitStats, ExpectedWrite};
 pub use crypt::{KEY_LEN, KeyError, KeyId, QueueKeys};
 pub use error::QueueError;
 pub use gauges::{QueueShape, StateTotals};

@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex, Weak};
 use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 
 use crate::codec::{Codec, Form, QuarantineEntry, QuarantineKind, Refused, content_place, form_of};
-use crate::commit::{CommitStats, GroupCommit};
+use crate::commit::{CommitStats, ExpectedWrite, GroupCommit};
 use crate::content::{ContentLog, ContentRef};
 use crate::crypt::{KeyId, QueueKeys};
 use crate::error::QueueError;
@@ -88,6 +88,9 @@ pub struct QueueConfig {
     /// How long a write may wait for its fsync before the store is declared
     /// failed (a disk that stopped answering, or sled after ENOSPC).
     pub commit_timeout: std::time::Duration,
+    /// How long a group commit may wait for writes announced with
+    /// [`Queue::expect_write`] that have not arrived yet. Default 10 ms.
+    pub commit_gather: std::time::Duration,
     /// Size at which a content segment is closed and a new one started.
     pub segment_bytes: u64,
     /// [`Queue::compact`] moves the live entries out of a closed content
@@ -109,6 +112,7 @@ impl QueueConfig {
             path: path.into(),
             cache_capacity: 64 * 1024 * 1024,
             commit_timeout: std::time::Duration::from_secs(30),
+            commit_gather: std::time::Duration::from_millis(10),
             segment_bytes: 16 * 1024 * 1024,
             compact_below: 0.25,
             keys: None,
@@ -511,7 +515,7 @@ impl Queue {
         };
         Ok(Queue {
             inner: Arc::new(Inner {
-                commit: GroupCommit::start(flush, config.commit_timeout),
+                commit: GroupCommit::start(flush, config.commit_timeout, config.commit_gather),
                 db,
                 tree,
                 content,
@@ -539,6 +543,33 @@ impl Queue {
     /// left behind (the batch is undone if the fsync failed), and the caller
     /// answers `451 4.3.0` so the client retries.
     pub async fn enqueue(&self, msg: NewMessage) -> Result<Enqueued, QueueError> {
+        self.enqueue_announced(msg, None).await
+    }
+
+    /// Announces a message that will be enqueued soon (reception calls it
+    /// when DATA ends, before signing): group commits wait for it, at most
+    /// [`QueueConfig::commit_gather`], so that messages arriving together
+    /// share one fsync. Pass it to [`Queue::enqueue_expected`]; dropping it
+    /// instead withdraws the announcement.
+    pub fn expect_write(&self) -> ExpectedWrite {
+        self.inner.commit.expect()
+    }
+
+    /// [`Queue::enqueue`] for a message announced with
+    /// [`Queue::expect_write`].
+    pub async fn enqueue_expected(
+        &self,
+        msg: NewMessage,
+        expected: ExpectedWrite,
+    ) -> Result<Enqueued, QueueError> {
+        self.enqueue_announced(msg, Some(expected)).await
+    }
+
+    async fn enqueue_announced(
+        &self,
+        msg: NewMessage,
+        expected: Option<ExpectedWrite>,
+    ) -> Result<Enqueued, QueueError> {
         if self.inner.commit.is_failed() {
             return Err(QueueError::Failed);
         }
@@ -571,7 +602,7 @@ impl Queue {
             return Err(e);
         }
         self.gauges_changed(None, Some(added));
-        if let Err(e) = self.inner.commit.durable().await {
+        if let Err(e) = self.inner.commit.durable_announced(expected).await {
             self.undo_enqueue(id);
             return Err(e);
         }

@@ -349,6 +349,9 @@ impl Receiver {
         info: SessionInfo,
     ) -> Result<String, Reply> {
         let now = self.clock.now();
+        // Announced now, while it is signed: a group commit under way waits
+        // for it rather than taking an fsync of its own (dropped on refusal).
+        let expected = self.queue.expect_write();
         let id = self.queue.next_id(millis(now));
         let id_text = id.to_string();
         let refuse = |reply: Reply, env: &Envelope, reason: RejectReason| {
@@ -478,7 +481,7 @@ impl Receiver {
             },
             content,
         };
-        let stored = match self.queue.enqueue(message).await {
+        let stored = match self.queue.enqueue_expected(message, expected).await {
             Ok(stored) => stored,
             Err(e) => {
                 tracing::error!(error = %e, "could not store a message; answered 451");
