@@ -17,8 +17,10 @@ use crate::smtp::{Envelope, Reply, Status};
 /// A message ready for the queue.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Prepared {
-    /// Our headers, then the message as received.
-    pub content: Vec<u8>,
+    /// Our header fields (Received, and Message-ID or Date when missing),
+    /// to go on top of the message as received. Kept apart so that the
+    /// content is copied once, when the signature goes on top of both.
+    pub added: Vec<u8>,
     /// The Message-ID (the client's, or the one we added), with brackets.
     pub message_id: Option<String>,
     /// The domain of the (first) From: address, lower-cased: the DKIM
@@ -134,11 +136,8 @@ pub fn prepare(
         .rsplit_once('@')
         .map(|(_, d)| crate::policy::normalize_domain(d))
         .unwrap_or_default();
-    let mut content = Vec::with_capacity(added.len() + env.content.len());
-    content.extend_from_slice(added.as_bytes());
-    content.extend_from_slice(&env.content);
     Ok(Prepared {
-        content,
+        added: added.into_bytes(),
         message_id,
         from_domain,
     })
@@ -200,7 +199,7 @@ mod tests {
             now(),
             0xabc,
         )
-        .map(|p| String::from_utf8(p.content).unwrap())
+        .map(|p| String::from_utf8([p.added, content.as_bytes().to_vec()].concat()).unwrap())
     }
 
     #[test]
@@ -233,7 +232,8 @@ mod tests {
             1,
         )
         .unwrap();
-        let out = String::from_utf8(p.content).unwrap();
+        let out =
+            String::from_utf8([p.added.clone(), original.as_bytes().to_vec()].concat()).unwrap();
         assert_eq!(out.matches("Message-ID:").count(), 1);
         assert_eq!(out.matches("Date:").count(), 1);
         assert_eq!(p.message_id.as_deref(), Some("<abc@acme.example>"));

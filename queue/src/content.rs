@@ -297,16 +297,22 @@ impl ContentLog {
     ) -> Result<(bool, Vec<u8>), QueueError> {
         let corrupt = |reason: String| QueueError::Corrupt { id, reason };
         let file = self.file(r.segment).map_err(corrupt)?;
-        let mut buf = vec![0u8; r.span() as usize];
-        file.read_exact_at(&mut buf, r.offset).map_err(|e| {
+        let cannot_read = |e: std::io::Error| {
             corrupt(format!(
                 "cannot read {} bytes at {} of segment {:08x}: {e}",
                 r.span(),
                 r.offset,
                 r.segment
             ))
-        })?;
-        let content = buf.split_off(HEADER as usize);
+        };
+        // The header and the content into buffers of their own: one buffer
+        // for both would mean copying the content out of it.
+        let mut buf = [0u8; HEADER as usize];
+        file.read_exact_at(&mut buf, r.offset)
+            .map_err(cannot_read)?;
+        let mut content = vec![0u8; (r.span() - HEADER) as usize];
+        file.read_exact_at(&mut content, r.offset + HEADER)
+            .map_err(cannot_read)?;
         let sealed = &buf[..4] == MAGIC_SEALED;
         if (!sealed && &buf[..4] != MAGIC) || buf[4..12] != id.as_u64().to_be_bytes() {
             return Err(corrupt(

@@ -207,6 +207,23 @@ async fn tcp_connect(
 /// Dot-stuffs CRLF-terminated content for DATA (RFC 5321 §4.5.2) and adds
 /// the end-of-data line, without adding an empty line of its own.
 pub fn dot_stuff(content: &[u8]) -> Vec<u8> {
+    let (body, end) = dot_stuffed(content);
+    [&body[..], end].concat()
+}
+
+/// The content as DATA sends it, in two parts: the body, which is
+/// `content` itself (no copy) unless a line starts with a dot, and the
+/// end-of-data line (with the CRLF a last line may lack).
+pub fn dot_stuffed(content: &[u8]) -> (std::borrow::Cow<'_, [u8]>, &'static [u8]) {
+    let end: &'static [u8] = if !content.is_empty() && !content.ends_with(b"\r\n") {
+        b"\r\n.\r\n"
+    } else {
+        b".\r\n"
+    };
+    let first = memchr::memmem::find(content, b"\r\n.");
+    if first.is_none() && content.first() != Some(&b'.') {
+        return (std::borrow::Cow::Borrowed(content), end);
+    }
     let mut out = Vec::with_capacity(content.len() + content.len() / 64 + 5);
     if content.first() == Some(&b'.') {
         out.push(b'.');
@@ -218,11 +235,7 @@ pub fn dot_stuff(content: &[u8]) -> Vec<u8> {
         rest = &rest[i + 2..];
     }
     out.extend_from_slice(rest);
-    if !content.is_empty() && !content.ends_with(b"\r\n") {
-        out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(b".\r\n");
-    out
+    (std::borrow::Cow::Owned(out), end)
 }
 
 impl Connection {
@@ -488,10 +501,11 @@ impl Connection {
                 }
                 return Ok(results);
             }
-            let stuffed = dot_stuff(content);
+            let (body, end) = dot_stuffed(content);
             let client = &mut self.client;
             timed(self.timeouts.data, async {
-                client.stream.write_all(&stuffed).await?;
+                client.stream.write_all(&body).await?;
+                client.stream.write_all(end).await?;
                 client.stream.flush().await?;
                 client.read().await
             })
@@ -657,6 +671,9 @@ mod tests {
         );
         assert_eq!(dot_stuff(b"no newline"), b"no newline\r\n.\r\n");
         assert_eq!(dot_stuff(b""), b".\r\n");
+        // Nothing to double: the content itself goes out, uncopied.
+        let plain = b"A: b\r\n\r\nhi. there\r\n";
+        assert!(matches!(dot_stuffed(plain), (std::borrow::Cow::Borrowed(b), _) if b == plain));
     }
 
     #[test]

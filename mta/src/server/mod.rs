@@ -345,7 +345,7 @@ impl Receiver {
     async fn receive(
         &self,
         live: &Live,
-        env: Envelope,
+        mut env: Envelope,
         info: SessionInfo,
     ) -> Result<String, Reply> {
         let now = self.clock.now();
@@ -389,14 +389,20 @@ impl Receiver {
         };
         // Sign once, before storing: every retry sends the same signature.
         let reception::Prepared {
-            content,
+            added,
             message_id,
             from_domain,
         } = prepared;
-        let content = Arc::new(content);
+        let original = Arc::new(std::mem::take(&mut env.content));
         let signed = match self
             .signer
-            .sign(content.clone(), &from_domain, env.tenant.as_deref(), now)
+            .sign_below(
+                added.clone(),
+                original.clone(),
+                &from_domain,
+                env.tenant.as_deref(),
+                now,
+            )
             .await
         {
             Ok(s) => s,
@@ -411,17 +417,19 @@ impl Receiver {
                 return Err(refuse(reply, &env, reason));
             }
         };
-        let content = Arc::try_unwrap(content).unwrap_or_else(|shared| (*shared).clone());
-        let (content, dkim, dkim_unsigned) = match signed {
+        // The one copy of the content: signatures, our fields, the message.
+        let (on_top, dkim, dkim_unsigned) = match signed {
             Signed::Yes {
-                mut headers,
+                headers,
                 signatures,
-            } => {
-                headers.extend_from_slice(&content);
-                (headers, signatures, None)
-            }
-            Signed::No { reason } => (content, Vec::new(), Some(reason)),
+            } => (headers, signatures, None),
+            Signed::No { reason } => (Vec::new(), Vec::new(), Some(reason)),
         };
+        let mut content = Vec::with_capacity(on_top.len() + added.len() + original.len());
+        content.extend_from_slice(&on_top);
+        content.extend_from_slice(&added);
+        content.extend_from_slice(&original);
+        drop(original);
         // SPF and DMARC alignment of what we are about to send: a message
         // that would fail DMARC at a p=reject domain is refused under
         // enforce rather than sent to be rejected.

@@ -159,7 +159,25 @@ pub fn sign_message(
     now: SystemTime,
     expiration: Option<std::time::Duration>,
 ) -> Result<(Vec<u8>, Vec<SignatureInfo>), String> {
-    let (fields, body) = split(message);
+    sign_message_below(keys, domain, b"", message, now, expiration)
+}
+
+/// [`sign_message`] of `on_top` (whole header fields, CRLF-terminated)
+/// followed by `message`, without joining them: reception adds its
+/// Received field on top and copies the content once, when the signature
+/// goes on top of both.
+pub fn sign_message_below(
+    keys: &[Arc<RingKey>],
+    domain: &str,
+    on_top: &[u8],
+    message: &[u8],
+    now: SystemTime,
+    expiration: Option<std::time::Duration>,
+) -> Result<(Vec<u8>, Vec<SignatureInfo>), String> {
+    let (mut fields, body) = split(on_top);
+    debug_assert!(body.is_empty(), "only header fields go on top");
+    let (below, body) = split(message);
+    fields.extend(below);
     let index = signed_index(&fields);
     let h = list_from_index(&index);
     let headers = canonical_from_index(&fields, &index, &h);

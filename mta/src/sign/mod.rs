@@ -26,7 +26,7 @@ pub mod dkim;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
-pub use dkim::{SIGNED_HEADERS, sign_message};
+pub use dkim::{SIGNED_HEADERS, sign_message, sign_message_below};
 use dkim_keys::{KeyRing, RingKey};
 use tokio::sync::Semaphore;
 
@@ -139,6 +139,20 @@ impl Signer {
         tenant: Option<&str>,
         now: SystemTime,
     ) -> Result<Signed, Reply> {
+        self.sign_below(Vec::new(), message, from_domain, tenant, now)
+            .await
+    }
+
+    /// [`Signer::sign`] of the header fields `on_top` followed by
+    /// `message`, as if they were one (see [`sign_message_below`]).
+    pub async fn sign_below(
+        &self,
+        on_top: Vec<u8>,
+        message: Arc<Vec<u8>>,
+        from_domain: &str,
+        tenant: Option<&str>,
+        now: SystemTime,
+    ) -> Result<Signed, Reply> {
         let Some((domain, keys)) = self.choose(from_domain, tenant) else {
             let reason = match tenant {
                 Some(t) => {
@@ -164,7 +178,7 @@ impl Signer {
         let expiration = self.policy().expiration;
         let started = Instant::now();
         let result = tokio::task::spawn_blocking(move || {
-            sign_message(&keys, &domain, &message, now, expiration)
+            sign_message_below(&keys, &domain, &on_top, &message, now, expiration)
         })
         .await
         .map_err(|e| e.to_string())

@@ -72,8 +72,19 @@ pub struct DataReader {
 
 impl DataReader {
     pub fn new(max_size: u64) -> Self {
+        Self::with_expected(max_size, None)
+    }
+
+    /// With the client's `SIZE=` estimate (RFC 1870), the body is allocated
+    /// once at that size rather than grown (each growth a copy), up to
+    /// [`DataReader::MAX_PREALLOCATION`]: an estimate is only a claim.
+    pub fn with_expected(max_size: u64, expected: Option<u64>) -> Self {
+        let capacity = expected.unwrap_or(0).clamp(
+            16 * 1024,
+            Self::MAX_PREALLOCATION.min(max_size.max(16 * 1024)),
+        );
         DataReader {
-            body: Vec::with_capacity(16 * 1024),
+            body: Vec::with_capacity(capacity as usize),
             max_size,
             size: 0,
             line_start: true,
@@ -81,6 +92,9 @@ impl DataReader {
             faults: Faults::default(),
         }
     }
+
+    /// The most allocated up front on a client's word.
+    pub const MAX_PREALLOCATION: u64 = 1024 * 1024;
 
     /// Consumes what it can of `input`. Returns the bytes consumed and
     /// whether the terminator was reached (then the bytes after it are not
@@ -278,6 +292,28 @@ impl ChunkReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_body_is_allocated_at_the_clients_size_estimate_within_bounds() {
+        assert!(
+            DataReader::with_expected(1 << 30, Some(300_000))
+                .body
+                .capacity()
+                >= 300_000
+        );
+        let claimed = DataReader::with_expected(1 << 30, Some(10 << 30));
+        assert_eq!(
+            claimed.body.capacity() as u64,
+            DataReader::MAX_PREALLOCATION
+        );
+        // Never more than the largest message accepted.
+        assert!(
+            DataReader::with_expected(20_000, Some(500_000))
+                .body
+                .capacity()
+                < 30_000
+        );
+    }
 
     /// Feeds `input` in pieces of `step` bytes, as a socket might deliver it.
     fn read_data(input: &[u8], step: usize) -> (Result<Vec<u8>, Reply>, usize) {

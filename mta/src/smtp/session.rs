@@ -742,9 +742,13 @@ impl Session {
             Some(tx) if tx.recipients.is_empty() => {
                 Reply::new(554, Status(5, 5, 1), "No valid recipients")
             }
-            Some(_) => {
+            Some(tx) => {
+                let expected = tx.params.size;
                 self.reply(Reply::plain(354, "End data with <CR><LF>.<CR><LF>"));
-                self.state = State::Data(DataReader::new(self.cfg.max_message_size));
+                self.state = State::Data(DataReader::with_expected(
+                    self.cfg.max_message_size,
+                    expected,
+                ));
                 return;
             }
         };
