@@ -402,22 +402,32 @@ mod tests {
 
     /// Registers a waiter from another thread; the receiver says when it
     /// was made durable.
-    fn wait_in_thread(commit: &Arc<GroupCommit>) -> mpsc::Receiver<Result<(), QueueError>> {
+    /// Says when a waiter was made durable.
+    type Durable = mpsc::Receiver<Result<(), QueueError>>;
+
+    fn wait_in_thread(commit: &Arc<GroupCommit>) -> Durable {
         let (tx, rx) = mpsc::channel();
         let c = commit.clone();
         thread::spawn(move || tx.send(c.durable_blocking()).unwrap());
         rx
     }
 
-    #[test]
-    fn a_flush_waits_for_an_announced_write_and_covers_it() {
+    /// A commit with a long gather time, one announced write, and a waiter
+    /// (in a thread) that the announcement holds back.
+    fn held_back() -> (Arc<GroupCommit>, Arc<AtomicUsize>, ExpectedWrite, Durable) {
         let (commit, flushes) = counting(LONG);
         let commit = Arc::new(commit);
         let announced = commit.expect();
         let first = wait_in_thread(&commit);
         // Not flushed while the announced write has not arrived.
-        assert!(first.recv_timeout(Duration::from_millis(200)).is_err());
+        assert!(first.recv_timeout(Duration::from_millis(100)).is_err());
         assert_eq!(flushes.load(Ordering::SeqCst), 0);
+        (commit, flushes, announced, first)
+    }
+
+    #[test]
+    fn a_flush_waits_for_an_announced_write_and_covers_it() {
+        let (commit, flushes, announced, first) = held_back();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .build()
@@ -430,11 +440,7 @@ mod tests {
 
     #[test]
     fn a_withdrawn_announcement_lets_the_flush_go() {
-        let (commit, flushes) = counting(LONG);
-        let commit = Arc::new(commit);
-        let announced = commit.expect();
-        let first = wait_in_thread(&commit);
-        assert!(first.recv_timeout(Duration::from_millis(100)).is_err());
+        let (_commit, flushes, announced, first) = held_back();
         drop(announced);
         // Well before the gather time (a minute) runs out.
         first.recv_timeout(LONG / 4).unwrap().unwrap();

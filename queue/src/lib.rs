@@ -13,8 +13,8 @@
 //!   content in append-only segment files (see `content.rs` for why sled
 //!   does not hold it).
 //! * **Commit point.** [`Queue::enqueue`] writes the content to the current
-//!   segment, then the envelope (with the content's place and CRC) in one atomic
-//!   sled batch, then waits for a group commit: a
+//!   segment, then the envelope (with the content's place and CRC) in one
+//!   sled insert, then waits for a group commit: a
 //!   dedicated thread fdatasyncs the segments written, flushes sled and
 //!   fdatasyncs sled's file (sled's own flush stops at `sync_file_range`),
 //!   for all writers waiting at that moment. `enqueue` returns `Ok` only
@@ -26,9 +26,9 @@
 //!   the caller lets go of the returned [`Enqueued`] (reception does after
 //!   writing its Reception record): nothing is delivered before it is
 //!   durable and its reception logged.
-//! * **Nothing half-written.** The envelope batch is all or nothing, and
+//! * **Nothing half-written.** The envelope insert is all or nothing, and
 //!   content without an envelope is garbage that recovery removes. If the
-//!   commit fails, `enqueue` undoes the batch and returns an error;
+//!   commit fails, `enqueue` undoes the insert and returns an error;
 //!   reception answers `451 4.3.0` and the client keeps the message. Content
 //!   is read back through a CRC check.
 //! * **Outcomes before log records.** [`Queue::record_outcomes`] returns only
@@ -47,7 +47,7 @@
 //!   `kill -9`) is due again. A message is never claimed twice at once
 //!   within a process.
 //! * **Space.** Once every recipient of a message is final, its envelope is
-//!   removed in the transaction that records the last outcome, and its
+//!   removed by the compare-and-swap that records the last outcome, and its
 //!   content is released once that is durable; a segment file is deleted
 //!   when nothing in it is live. So that a few long-deferred messages do not
 //!   keep whole segments, [`Queue::compact`] (meant to be called

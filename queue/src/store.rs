@@ -1,8 +1,9 @@
 //! The queue: a sled tree holding envelopes and the schedule index, and the
 //! content segments beside it.
 //!
-//! Keys in the one tree (one tree, so a message's keys change in one atomic
-//! batch or transaction):
+//! Keys in the one tree. A message's record (`m`) is the durable state and
+//! changes by one insert or compare-and-swap; its schedule key (`s`) is an
+//! index that follows under the message's lock and that recovery rebuilds:
 //!
 //! | key                          | value                        |
 //! |------------------------------|------------------------------|
@@ -536,11 +537,12 @@ impl Queue {
 
     /// Stores a message with all its recipients due at once.
     ///
-    /// **The commit point.** One atomic batch writes the envelope, the content
-    /// and the schedule key; then the call waits for a group commit (fsync).
-    /// When it returns `Ok`, the message survives `kill -9` and power loss:
-    /// only then may the caller say `250`. On `Err` nothing of the message is
-    /// left behind (the batch is undone if the fsync failed), and the caller
+    /// **The commit point.** The content goes to the current segment, then
+    /// one insert writes the envelope; then the call waits for a group commit
+    /// (fsync). When it returns `Ok`, the message survives `kill -9` and power
+    /// loss: only then may the caller say `250`. On `Err` nothing of the
+    /// message is left behind (the insert is undone if the fsync failed), and
+    /// the caller
     /// answers `451 4.3.0` so the client retries.
     pub async fn enqueue(&self, msg: NewMessage) -> Result<Enqueued, QueueError> {
         self.enqueue_announced(msg, None).await
@@ -917,8 +919,8 @@ impl Queue {
         out.ok_or(QueueError::NotFound(id))
     }
 
-    /// Read-modify-write of one record in a transaction, keeping the
-    /// schedule index in step and removing the message once complete (then
+    /// Read-modify-write of one record (compare-and-swap, again if it
+    /// changed meanwhile), keeping the schedule index in step and removing the message once complete (then
     /// its content is returned, to be released once the removal is durable).
     /// `settling` is true when the caller is the claim's owner recording its
     /// outcome; anyone else leaves a claimed message's schedule key to the
