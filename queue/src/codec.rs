@@ -21,8 +21,8 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::content::ContentRef;
-use crate::crypt::{KeyId, OpenError, QueueKeys};
+use crate::content::{ContentRef, Entry};
+use crate::crypt::{KeyId, OpenError, QueueKeys, SEALED_PREFIX};
 use crate::error::QueueError;
 use crate::id::QueueId;
 use crate::record::{MessageRecord, SCHEMA_V1};
@@ -233,12 +233,12 @@ impl Codec {
     pub(crate) fn seal_content(
         &self,
         id: QueueId,
-        content: &[u8],
+        content: &[&[u8]],
     ) -> Result<Option<Vec<u8>>, QueueError> {
         match &self.keys {
             None => Ok(None),
             Some(keys) => keys
-                .seal(&content_ad(id), content)
+                .seal_parts(&content_ad(id), content)
                 .map(Some)
                 .map_err(crypto),
         }
@@ -260,26 +260,51 @@ impl Codec {
                 reason: "the content is stored unencrypted in an encrypted queue: run `mta queue rekey` (daemon stopped) if it is genuine".into(),
             }));
         }
-        let Some(keys) = &self.keys else {
-            return Err(Err(QueueError::Corrupt {
-                id,
-                reason: "the content is encrypted and the queue was opened without a key".into(),
-            }));
-        };
+        let keys = self.content_keys(id)?;
         match keys.open_in_place(&content_ad(id), &mut body) {
             Ok(range) => {
                 body.truncate(range.end);
                 body.drain(..range.start);
                 Ok(body)
             }
-            Err(e) => Err(Ok(Refused {
-                kind: match e {
-                    OpenError::UnknownKey(_) => QuarantineKind::UnknownKey,
-                    _ => QuarantineKind::Content,
-                },
-                reason: format!("the content {e}"),
-            })),
+            Err(e) => Err(Ok(content_refused(e))),
         }
+    }
+
+    /// [`open_content`](Self::open_content) for an entry read with its
+    /// sealed prefix apart: the plaintext is opened where it lies, and not
+    /// moved down over the prefix.
+    pub(crate) fn open_content_entry(
+        &self,
+        id: QueueId,
+        entry: Entry<SEALED_PREFIX>,
+    ) -> Result<Vec<u8>, Result<Refused, QueueError>> {
+        let Entry {
+            sealed,
+            prefix: Some(prefix),
+            mut rest,
+        } = entry
+        else {
+            return self.open_content(id, entry.sealed, entry.rest);
+        };
+        debug_assert!(sealed);
+        let keys = self.content_keys(id)?;
+        match keys.open_apart(&content_ad(id), &prefix, &mut rest) {
+            Ok(n) => {
+                rest.truncate(n);
+                Ok(rest)
+            }
+            Err(e) => Err(Ok(content_refused(e))),
+        }
+    }
+
+    fn content_keys(&self, id: QueueId) -> Result<&QueueKeys, Result<Refused, QueueError>> {
+        self.keys.as_deref().ok_or_else(|| {
+            Err(QueueError::Corrupt {
+                id,
+                reason: "the content is encrypted and the queue was opened without a key".into(),
+            })
+        })
     }
 
     /// The key a content entry's bytes were sealed with (`None`: in clear).
@@ -311,6 +336,16 @@ impl QuarantineEntry {
             (&QUARANTINE_V1, rest) => postcard::from_bytes(rest).ok(),
             _ => None,
         }
+    }
+}
+
+fn content_refused(e: OpenError) -> Refused {
+    Refused {
+        kind: match e {
+            OpenError::UnknownKey(_) => QuarantineKind::UnknownKey,
+            _ => QuarantineKind::Content,
+        },
+        reason: format!("the content {e}"),
     }
 }
 
@@ -408,7 +443,10 @@ mod tests {
     fn content_opens_only_for_its_own_message() {
         let codec = sealed_codec();
         let id = QueueId::from_u64(1);
-        let sealed = codec.seal_content(id, b"Subject: hi").unwrap().unwrap();
+        let sealed = codec
+            .seal_content(id, &[b"Subject: ", b"hi"])
+            .unwrap()
+            .unwrap();
         assert_eq!(
             codec.open_content(id, true, sealed.clone()).unwrap(),
             b"Subject: hi"

@@ -100,6 +100,18 @@ fn segment_id(path: &Path) -> Option<u32> {
     u32::from_str_radix(name, 16).ok()
 }
 
+/// The most [`ContentLog::read_entry_split`] sets apart.
+pub(crate) const MAX_SPLIT: usize = 32;
+
+/// An entry read back by [`ContentLog::read_entry_split`].
+pub(crate) struct Entry<const N: usize> {
+    pub(crate) sealed: bool,
+    /// A sealed entry's first `N` bytes; `None` when the entry is in clear
+    /// or shorter (then `rest` is all of it).
+    pub(crate) prefix: Option<[u8; N]>,
+    pub(crate) rest: Vec<u8>,
+}
+
 /// Makes a new directory entry durable.
 fn sync_dir(dir: &Path) -> Result<(), QueueError> {
     File::open(dir)
@@ -168,21 +180,26 @@ impl ContentLog {
     /// Writes one message's content in clear (tests).
     #[cfg(test)]
     pub(crate) fn append(&self, id: QueueId, content: &[u8]) -> Result<ContentRef, QueueError> {
-        self.append_entry(id, false, content)
+        self.append_entry(id, false, &[content])
     }
 
-    /// Writes one entry, `sealed` or in clear. Not durable until the next
+    /// Writes one entry, `sealed` or in clear, whose bytes are the parts
+    /// of `content` one after the other. Not durable until the next
     /// [`sync`](Self::sync).
     pub(crate) fn append_entry(
         &self,
         id: QueueId,
         sealed: bool,
-        content: &[u8],
+        content: &[&[u8]],
     ) -> Result<ContentRef, QueueError> {
-        let len = u32::try_from(content.len()).map_err(|_| {
+        let len = u32::try_from(content.iter().map(|p| p.len()).sum::<usize>()).map_err(|_| {
             QueueError::Store(sled::Error::Unsupported("content over 4 GiB".into()))
         })?;
-        let crc = crc32fast::hash(content);
+        let mut hasher = crc32fast::Hasher::new();
+        for part in content {
+            hasher.update(part);
+        }
+        let crc = hasher.finalize();
         let (r, file, rolled) = {
             let mut guard = self.current.lock().expect("content lock");
             let cur = guard.as_mut().ok_or_else(read_only)?;
@@ -220,10 +237,16 @@ impl ContentLog {
         header[12..16].copy_from_slice(&len.to_be_bytes());
         header[16..20].copy_from_slice(&crc.to_be_bytes());
         let path = || segment_path(&self.dir, segment);
-        if let Err(e) = file
-            .write_all_at(&header, offset)
-            .and_then(|_| file.write_all_at(content, offset + HEADER))
-        {
+        let write = || {
+            file.write_all_at(&header, offset)?;
+            let mut at = offset + HEADER;
+            for part in content {
+                file.write_all_at(part, at)?;
+                at += part.len() as u64;
+            }
+            Ok::<_, std::io::Error>(())
+        };
+        if let Err(e) = write() {
             self.release(&r);
             return Err(io(&path(), "writing", e));
         }
@@ -295,6 +318,19 @@ impl ContentLog {
         id: QueueId,
         r: &ContentRef,
     ) -> Result<(bool, Vec<u8>), QueueError> {
+        let entry = self.read_entry_split::<0>(id, r)?;
+        Ok((entry.sealed, entry.rest))
+    }
+
+    /// [`read_entry`](Self::read_entry), with a sealed entry's first `N`
+    /// bytes (at most [`MAX_SPLIT`]) apart from the rest: a caller that
+    /// takes a fixed-size prefix off then need not move the rest.
+    pub(crate) fn read_entry_split<const N: usize>(
+        &self,
+        id: QueueId,
+        r: &ContentRef,
+    ) -> Result<Entry<N>, QueueError> {
+        const { assert!(N <= MAX_SPLIT) };
         let corrupt = |reason: String| QueueError::Corrupt { id, reason };
         let file = self.file(r.segment).map_err(corrupt)?;
         let cannot_read = |e: std::io::Error| {
@@ -305,13 +341,14 @@ impl ContentLog {
                 r.segment
             ))
         };
-        // The header and the content into buffers of their own: one buffer
-        // for both would mean copying the content out of it.
-        let mut buf = [0u8; HEADER as usize];
-        file.read_exact_at(&mut buf, r.offset)
-            .map_err(cannot_read)?;
-        let mut content = vec![0u8; (r.span() - HEADER) as usize];
-        file.read_exact_at(&mut content, r.offset + HEADER)
+        // The header (with the first N bytes) and the content into buffers
+        // of their own: one buffer for both would mean copying the content
+        // out of it.
+        let len = (r.span() - HEADER) as usize;
+        let h = HEADER as usize;
+        let first = N.min(len);
+        let mut buf = [0u8; HEADER as usize + MAX_SPLIT];
+        file.read_exact_at(&mut buf[..h + first], r.offset)
             .map_err(cannot_read)?;
         let sealed = &buf[..4] == MAGIC_SEALED;
         if (!sealed && &buf[..4] != MAGIC) || buf[4..12] != id.as_u64().to_be_bytes() {
@@ -319,10 +356,30 @@ impl ContentLog {
                 "content entry header does not match the record".into(),
             ));
         }
-        if crc32fast::hash(&content) != r.crc {
+        let apart = sealed && first == N;
+        let mut rest = vec![0u8; if apart { len - N } else { len }];
+        let read_from = if apart {
+            0
+        } else {
+            rest[..first].copy_from_slice(&buf[h..h + first]);
+            first
+        };
+        file.read_exact_at(&mut rest[read_from..], r.offset + HEADER + first as u64)
+            .map_err(cannot_read)?;
+        let mut crc = crc32fast::Hasher::new();
+        if apart {
+            crc.update(&buf[h..h + N]);
+        }
+        crc.update(&rest);
+        if crc.finalize() != r.crc {
             return Err(corrupt("content CRC mismatch".into()));
         }
-        Ok((sealed, content))
+        let prefix = apart.then(|| buf[h..h + N].try_into().expect("N bytes"));
+        Ok(Entry {
+            sealed,
+            prefix,
+            rest,
+        })
     }
 
     /// The content is no longer needed (no durable record points to it any
@@ -558,6 +615,44 @@ mod tests {
                 .to_string()
                 .contains("CRC")
         );
+    }
+
+    /// Entries written in parts read back whole; read with a prefix
+    /// apart, a sealed entry at least that long splits there and anything
+    /// else comes back whole; a flipped byte in either piece is caught.
+    #[test]
+    fn entries_in_parts_and_read_with_a_prefix_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = ContentLog::open(dir.path(), 1 << 20, true).unwrap();
+        let whole = b"0123456789abcdefghij".to_vec();
+        for len in [0, 3, 4, 5, 20] {
+            let bytes = &whole[..len];
+            for sealed in [false, true] {
+                let (a, b) = bytes.split_at(len / 2);
+                let r = log.append_entry(id(1), sealed, &[a, b, b""]).unwrap();
+                assert_eq!(log.read_entry(id(1), &r).unwrap(), (sealed, bytes.to_vec()));
+                let e = log.read_entry_split::<4>(id(1), &r).unwrap();
+                assert_eq!(e.sealed, sealed);
+                if sealed && len >= 4 {
+                    assert_eq!(e.prefix.unwrap(), bytes[..4], "len {len}");
+                    assert_eq!(e.rest, bytes[4..], "len {len}");
+                } else {
+                    assert_eq!((e.prefix, e.rest.as_slice()), (None, bytes), "len {len}");
+                }
+                if len >= 4 {
+                    let path = segment_path(dir.path(), r.segment);
+                    for at in [1, len as u64 - 1] {
+                        let mut disk = std::fs::read(&path).unwrap();
+                        disk[(r.offset + HEADER + at) as usize] ^= 1;
+                        std::fs::write(&path, &disk).unwrap();
+                        let e = log.read_entry_split::<4>(id(1), &r).err().unwrap();
+                        assert!(e.to_string().contains("CRC"), "{e}");
+                        disk[(r.offset + HEADER + at) as usize] ^= 1;
+                        std::fs::write(&path, &disk).unwrap();
+                    }
+                }
+            }
+        }
     }
 
     #[test]

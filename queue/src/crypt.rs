@@ -41,6 +41,8 @@ use aws_lc_rs::aead::{AES_256_GCM_SIV, Aad, NONCE_LEN, Nonce, RandomizedNonceKey
 /// Bytes of a key.
 pub const KEY_LEN: usize = 32;
 const TAG_LEN: usize = 16;
+/// A sealed form starts with this many bytes: the key's ID, the nonce.
+pub(crate) const SEALED_PREFIX: usize = KeyId::LEN + NONCE_LEN;
 /// Bytes a sealed form adds to its plaintext.
 pub(crate) const OVERHEAD: usize = KeyId::LEN + NONCE_LEN + TAG_LEN;
 
@@ -391,11 +393,20 @@ impl QueueKeys {
 
     /// Seals `plaintext` under the current key with associated data `ad`.
     pub(crate) fn seal(&self, ad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, String> {
+        self.seal_parts(ad, &[plaintext])
+    }
+
+    /// Seals the concatenation of `parts`: the parts are copied once, into
+    /// the sealed form, and not joined first.
+    pub(crate) fn seal_parts(&self, ad: &[u8], parts: &[&[u8]]) -> Result<Vec<u8>, String> {
         let key = &self.keys[0];
-        let mut out = Vec::with_capacity(OVERHEAD + plaintext.len());
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        let mut out = Vec::with_capacity(OVERHEAD + len);
         out.extend_from_slice(&key.id.0);
         out.extend_from_slice(&[0u8; NONCE_LEN]);
-        out.extend_from_slice(plaintext);
+        for part in parts {
+            out.extend_from_slice(part);
+        }
         let (nonce, tag) = key
             .aead
             .seal_in_place_separate_tag(Aad::from(ad), &mut out[KeyId::LEN + NONCE_LEN..])
@@ -414,20 +425,36 @@ impl QueueKeys {
         if sealed.len() < OVERHEAD {
             return Err(OpenError::Truncated);
         }
-        let id = KeyId::of_sealed(sealed).ok_or(OpenError::Truncated)?;
+        let (prefix, rest) = sealed.split_at_mut(SEALED_PREFIX);
+        let n = self.open_apart(ad, prefix, rest)?;
+        Ok(SEALED_PREFIX..SEALED_PREFIX + n)
+    }
+
+    /// Opens a sealed form whose first [`SEALED_PREFIX`] bytes (key ID and
+    /// nonce) are `prefix` and whose ciphertext and tag are `rest`, in
+    /// place; returns the length of the plaintext at the start of `rest`.
+    pub(crate) fn open_apart(
+        &self,
+        ad: &[u8],
+        prefix: &[u8],
+        rest: &mut [u8],
+    ) -> Result<usize, OpenError> {
+        if prefix.len() != SEALED_PREFIX || rest.len() < TAG_LEN {
+            return Err(OpenError::Truncated);
+        }
+        let id = KeyId::of_sealed(prefix).ok_or(OpenError::Truncated)?;
         let key = self
             .keys
             .iter()
             .find(|k| k.id == id)
             .ok_or(OpenError::UnknownKey(id))?;
-        let nonce = Nonce::try_assume_unique_for_key(&sealed[KeyId::LEN..KeyId::LEN + NONCE_LEN])
+        let nonce = Nonce::try_assume_unique_for_key(&prefix[KeyId::LEN..])
             .map_err(|_| OpenError::Truncated)?;
-        let start = KeyId::LEN + NONCE_LEN;
         let plain = key
             .aead
-            .open_in_place(nonce, Aad::from(ad), &mut sealed[start..])
+            .open_in_place(nonce, Aad::from(ad), rest)
             .map_err(|_| OpenError::Forged(id))?;
-        Ok(start..start + plain.len())
+        Ok(plain.len())
     }
 
     /// Opens a sealed form into a new buffer.

@@ -32,7 +32,7 @@ use sled::transaction::{ConflictableTransactionError, TransactionError, Transact
 use crate::codec::{Codec, Form, QuarantineEntry, QuarantineKind, Refused, content_place, form_of};
 use crate::commit::{CommitStats, ExpectedWrite, GroupCommit};
 use crate::content::{ContentLog, ContentRef};
-use crate::crypt::{KeyId, QueueKeys};
+use crate::crypt::{KeyId, QueueKeys, SEALED_PREFIX};
 use crate::error::QueueError;
 use crate::gauges::{Contribution, Gauges, QueueShape};
 use crate::id::{IdGenerator, QueueId};
@@ -132,7 +132,12 @@ pub struct NewMessage {
     pub sender: String,
     pub recipients: Vec<String>,
     pub submission: Submission,
-    /// The complete message as it will be sent (headers and body, CRLF lines).
+    /// The start of the message, stored before `content`: header fields
+    /// added on reception (signatures, trace fields), kept apart so that the
+    /// message need not be copied to put them on top. Often empty.
+    pub head: Vec<u8>,
+    /// The message as it will be sent after `head` (headers and body, CRLF
+    /// lines).
     pub content: Vec<u8>,
 }
 
@@ -577,10 +582,11 @@ impl Queue {
         }
         let id = msg.id;
         let due = msg.received_ms;
-        let sealed = self.inner.codec.seal_content(id, &msg.content)?;
+        let parts: [&[u8]; 2] = [&msg.head, &msg.content];
+        let sealed = self.inner.codec.seal_content(id, &parts)?;
         let content = match &sealed {
-            Some(bytes) => self.inner.content.append_entry(id, true, bytes)?,
-            None => self.inner.content.append_entry(id, false, &msg.content)?,
+            Some(bytes) => self.inner.content.append_entry(id, true, &[bytes])?,
+            None => self.inner.content.append_entry(id, false, &parts)?,
         };
         drop(sealed);
         let (bytes, added) = match self.enqueue_record(msg, content) {
@@ -633,7 +639,7 @@ impl Queue {
             received_ms: msg.received_ms,
             tenant: msg.tenant,
             sender: msg.sender,
-            size: msg.content.len() as u64,
+            size: (msg.head.len() + msg.content.len()) as u64,
             submission: msg.submission,
             held: false,
             recipients,
@@ -751,8 +757,12 @@ impl Queue {
         let mut tries = 0;
         loop {
             // Err(Ok(refused)): to quarantine; Err(Err(e)): to report.
-            let failed: Result<Refused, QueueError> = match self.inner.content.read_entry(id, &at) {
-                Ok((sealed, body)) => match self.inner.codec.open_content(id, sealed, body) {
+            let read = self
+                .inner
+                .content
+                .read_entry_split::<SEALED_PREFIX>(id, &at);
+            let failed: Result<Refused, QueueError> = match read {
+                Ok(entry) => match self.inner.codec.open_content_entry(id, entry) {
                     Ok(content) => return Ok(content),
                     Err(e) => e,
                 },
@@ -1529,7 +1539,7 @@ impl Queue {
         } else {
             data
         };
-        match codec.seal_content(id, &plain) {
+        match codec.seal_content(id, &[&plain]) {
             Ok(Some(bytes)) => Some((true, bytes)),
             Ok(None) => None,
             Err(e) => {
@@ -1568,7 +1578,7 @@ impl Queue {
                 Some(entry) => entry,
                 None => continue,
             };
-            match content.append_entry(id, sealed, &data) {
+            match content.append_entry(id, sealed, &[&data]) {
                 Ok(new) => {
                     bytes += new.span();
                     pass.copied.push(Move { id, old, new });
@@ -2091,6 +2101,7 @@ mod tests {
                 sender: "s@example.com".into(),
                 recipients: vec!["r@d.example".into()],
                 submission: Submission::default(),
+                head: Vec::new(),
                 content: content_of(i),
             })
             .await
@@ -2321,6 +2332,7 @@ mod tests {
             sender: "s@example.com".into(),
             recipients: vec!["r@d.example".into()],
             submission: Submission::default(),
+            head: Vec::new(),
             content: content_of(at),
         }
     }

@@ -55,6 +55,7 @@ fn message(q: &Queue, at: u64, n: u64) -> NewMessage {
         sender: "news@acme.example".into(),
         recipients: vec![SECRET_RCPT.into(), format!("other{n}@dest.example")],
         submission: Submission::default(),
+        head: Vec::new(),
         content: format!("{SECRET_SUBJECT}\r\n\r\n{SECRET_BODY} number {n}\r\n").into_bytes(),
     }
 }
@@ -482,4 +483,28 @@ async fn a_record_in_clear_in_an_encrypted_store_is_quarantined_until_rekeyed() 
     let (q, _) = open(&config(dir.path(), Some(&keys)));
     let r = q.rekey_blocking().unwrap();
     assert_eq!((r.restored, r.quarantined), (0, 1), "{r:?}");
+}
+
+/// Reception stores the fields it adds (`head`) apart from the message, so
+/// as not to copy it: the store must give back one message, head first, in
+/// clear and sealed, before and after reopening, with the size of both.
+#[tokio::test]
+async fn the_head_is_stored_on_top_of_the_content_in_clear_and_sealed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, keys) = key_file(dir.path(), "queue.key");
+    for (name, keys) in [("clear", None), ("sealed", Some(&keys))] {
+        let config = config(&dir.path().join(name), keys);
+        let (q, _) = open(&config);
+        let mut m = message(&q, T0, 1);
+        m.head = b"DKIM-Signature: v=1; a=rsa-sha256\r\nReceived: by us\r\n".to_vec();
+        let id = m.id;
+        let whole = [m.head.clone(), m.content.clone()].concat();
+        q.enqueue(m).await.unwrap();
+        assert_eq!(q.content(id).unwrap(), whole, "{name}");
+        assert_eq!(q.get(id).unwrap().size, whole.len() as u64, "{name}");
+        drop(q);
+        let (q, report) = open(&config);
+        assert_eq!(report.messages, 1, "{name}");
+        assert_eq!(q.content(id).unwrap(), whole, "{name} after reopening");
+    }
 }

@@ -50,6 +50,7 @@ fn message(q: &Queue, at: u64, tenant: &str, rcpts: &[&str]) -> NewMessage {
             peer_ip: Some("127.0.0.1".into()),
             ..Default::default()
         },
+        head: Vec::new(),
         content: format!("Subject: hi\r\n\r\nbody for {rcpts:?}\r\n").into_bytes(),
     }
 }
@@ -804,6 +805,7 @@ async fn a_stored_message_is_due_only_once_the_caller_lets_go() {
             sender: "s@x.example".into(),
             recipients: vec!["a@d.example".into()],
             submission: Submission::default(),
+            head: Vec::new(),
             content: b"Subject: x\r\n\r\nhi\r\n".to_vec(),
         })
         .await

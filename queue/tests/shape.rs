@@ -35,6 +35,7 @@ fn message(q: &Queue, rcpts: &[&str], body: usize) -> NewMessage {
         sender: "news@acme.example".into(),
         recipients: rcpts.iter().map(|s| s.to_string()).collect(),
         submission: Submission::default(),
+        head: Vec::new(),
         content: vec![b'x'; body],
     }
 }

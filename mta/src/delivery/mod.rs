@@ -671,6 +671,7 @@ impl Delivery {
                 body_8bit: !content.is_ascii(),
                 ..Default::default()
             },
+            head: Vec::new(),
             content,
         };
         let stored = self.queue.enqueue(message).await?;

@@ -417,7 +417,8 @@ impl Receiver {
                 return Err(refuse(reply, &env, reason));
             }
         };
-        // The one copy of the content: signatures, our fields, the message.
+        // Signatures and our fields go on top of the message as the store
+        // writes it: the message itself is not copied to make room.
         let (on_top, dkim, dkim_unsigned) = match signed {
             Signed::Yes {
                 headers,
@@ -425,11 +426,10 @@ impl Receiver {
             } => (headers, signatures, None),
             Signed::No { reason } => (Vec::new(), Vec::new(), Some(reason)),
         };
-        let mut content = Vec::with_capacity(on_top.len() + added.len() + original.len());
-        content.extend_from_slice(&on_top);
-        content.extend_from_slice(&added);
-        content.extend_from_slice(&original);
-        drop(original);
+        let mut head = on_top;
+        head.extend_from_slice(&added);
+        // The signer has let go of it by now: no copy.
+        let content = Arc::unwrap_or_clone(original);
         // SPF and DMARC alignment of what we are about to send: a message
         // that would fail DMARC at a p=reject domain is refused under
         // enforce rather than sent to be rejected.
@@ -459,7 +459,7 @@ impl Receiver {
             ));
         }
         let dmarc = dmarc.map(|(_, note)| note);
-        let size = content.len() as u64;
+        let size = (head.len() + content.len()) as u64;
         // The store writes the message and its record; twice the size keeps
         // the estimate on the safe side.
         if !self.storage.check(size.saturating_mul(2)) {
@@ -487,6 +487,7 @@ impl Receiver {
                     .map(|s| format!("d={} s={} a={}", s.domain, s.selector, s.algorithm))
                     .collect(),
             },
+            head,
             content,
         };
         let stored = match self.queue.enqueue_expected(message, expected).await {
@@ -667,7 +668,6 @@ async fn serve(
     };
     let mut session = Session::new(live.session.clone(), session_peer, tls);
     session.greeting();
-    let mut buf = vec![0u8; 64 * 1024];
     loop {
         let step = session.advance();
         rx.log_events(peer, &mut session, &mut tally);
@@ -677,13 +677,15 @@ async fn serve(
         }
         match step {
             Step::NeedInput => {
-                let (limit, what) = if session.in_data() {
+                let in_data = session.in_data();
+                let (limit, what) = if in_data {
                     (live.timeouts.data, "message content")
                 } else {
                     (live.timeouts.command, "a command")
                 };
                 tokio::select! {
-                    read = tokio::time::timeout(limit, io.read(&mut buf)) => match read {
+                    // Read into the session's buffer: no copy on the way in.
+                    read = tokio::time::timeout(limit, io.read(session.input_space())) => match read {
                         Ok(Ok(0)) => {
                             tally.ends(Outcome::Closed);
                             break;
@@ -692,7 +694,7 @@ async fn serve(
                             tally.ends(Outcome::of_io_error(&e));
                             break;
                         }
-                        Ok(Ok(n)) => session.feed(&buf[..n]),
+                        Ok(Ok(n)) => session.filled(n),
                         Err(_) => {
                             tally.ends(Outcome::Timeout);
                             session.abort(Reply::new(
@@ -703,7 +705,7 @@ async fn serve(
                         }
                     },
                     // A session in the middle of a message may finish it.
-                    _ = shutdown.wait_for(|&s| s), if !session.in_data() => {
+                    _ = shutdown.wait_for(|&s| s), if !in_data => {
                         tally.ends(Outcome::Shutdown);
                         session.abort(Reply::new(
                             421,

@@ -102,6 +102,17 @@ impl DataReader {
     pub fn feed(&mut self, input: &[u8]) -> (usize, bool) {
         let mut pos = 0;
         while pos < input.len() {
+            // Most content is whole, clean lines: those go in one piece,
+            // the rest (a dot, a fault, a line not yet complete) line by
+            // line below.
+            if self.line_start && self.line_len == 0 && !self.faults.any() {
+                let run = clean_lines(&input[pos..]);
+                if run > 0 {
+                    self.store(&input[pos..pos + run]);
+                    pos += run;
+                    continue;
+                }
+            }
             match memchr(b'\n', &input[pos..]) {
                 Some(i) => {
                     let seg = &input[pos..pos + i + 1];
@@ -179,6 +190,30 @@ impl DataReader {
         self.faults.verdict(self.max_size)?;
         Ok(self.body)
     }
+}
+
+/// The length of the longest prefix of `input` made of complete lines that
+/// need nothing done: each ends in CRLF, has no other CR or LF, is at most
+/// [`MAX_LINE`] long and does not start with a dot (a dot is stuffing or
+/// the terminator). Called at the start of a line.
+fn clean_lines(input: &[u8]) -> usize {
+    let mut line = 0; // where the current line starts
+    let mut lf_after_cr = usize::MAX; // the LF already seen with its CR
+    for i in memchr::memchr2_iter(b'\r', b'\n', input) {
+        if i == lf_after_cr {
+            continue;
+        }
+        if input[i] == b'\n' || input.get(i + 1) != Some(&b'\n') {
+            break; // a bare LF or CR, or a CR whose LF is still to come
+        }
+        let end = i + 2;
+        if end - line > MAX_LINE || input[line] == b'.' {
+            break;
+        }
+        lf_after_cr = i + 1;
+        line = end;
+    }
+    line
 }
 
 /// Accumulates BDAT chunks. Chunks are length-framed, so there is no
