@@ -598,6 +598,11 @@ pub struct QueueConfig {
     /// "0s" turns the wait off. Default "10ms".
     #[serde(deserialize_with = "duration")]
     pub commit_gather: Duration,
+    /// Memory (MiB) for messages just stored, kept in clear until their
+    /// first delivery attempt so that it need not read and decrypt them
+    /// again. When delivery falls behind, messages over it are read from
+    /// disk as usual. 0 keeps none. Default 32.
+    pub fresh_content_mb: u64,
 }
 
 impl Default for QueueConfig {
@@ -609,6 +614,7 @@ impl Default for QueueConfig {
             min_free_mb: 100,
             commit_timeout: Duration::from_secs(30),
             commit_gather: Duration::from_millis(10),
+            fresh_content_mb: 32,
         }
     }
 }

@@ -328,6 +328,9 @@ async fn open_queue(config: &Config) -> Result<(Queue, RecoveryReport), StartErr
     qc.cache_capacity = config.queue.cache_mb * 1024 * 1024;
     qc.commit_timeout = config.queue.commit_timeout;
     qc.commit_gather = config.queue.commit_gather;
+    qc.fresh_content_bytes =
+        usize::try_from(config.queue.fresh_content_mb.saturating_mul(1024 * 1024))
+            .unwrap_or(usize::MAX);
     qc.keys = keys.clone();
     let opened = tokio::task::spawn_blocking(move || Queue::open(&qc))
         .await

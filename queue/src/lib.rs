@@ -97,6 +97,7 @@ mod commit;
 mod content;
 mod crypt;
 mod error;
+mod fresh;
 mod gauges;
 mod id;
 mod record;

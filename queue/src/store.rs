@@ -34,6 +34,7 @@ use crate::commit::{CommitStats, ExpectedWrite, GroupCommit};
 use crate::content::{ContentLog, ContentRef};
 use crate::crypt::{KeyId, QueueKeys, SEALED_PREFIX};
 use crate::error::QueueError;
+use crate::fresh::FreshContent;
 use crate::gauges::{Contribution, Gauges, QueueShape};
 use crate::id::{IdGenerator, QueueId};
 use crate::record::{MessageRecord, MessageState, RecipientRecord, RecipientState, Submission};
@@ -105,6 +106,10 @@ pub struct QueueConfig {
     /// (the default of [`QueueConfig::new`]) writes them in clear. The mta
     /// daemon always gives keys unless `[queue] encrypt = false`.
     pub keys: Option<Arc<QueueKeys>>,
+    /// Bytes of messages just stored that are kept in memory, in clear, for
+    /// their first delivery attempt ([`Queue::take_content`]), so that it
+    /// need not read and decrypt them. 0 keeps none. Default 32 MiB.
+    pub fresh_content_bytes: usize,
 }
 
 impl QueueConfig {
@@ -117,6 +122,7 @@ impl QueueConfig {
             segment_bytes: 16 * 1024 * 1024,
             compact_below: 0.25,
             keys: None,
+            fresh_content_bytes: 32 * 1024 * 1024,
         }
     }
 }
@@ -349,6 +355,8 @@ struct Inner {
     /// store opened for inspection, which recovery did not count.
     gauges: Option<Gauges>,
     codec: Codec,
+    /// Messages just stored, in clear, for their first attempt.
+    fresh: FreshContent,
 }
 
 /// The durable queue. Cheap to clone; all clones share one store.
@@ -531,6 +539,7 @@ impl Queue {
                 compact_below: config.compact_below,
                 gauges,
                 codec,
+                fresh: FreshContent::new(config.fresh_content_bytes),
             }),
         })
     }
@@ -580,16 +589,22 @@ impl Queue {
         if self.inner.commit.is_failed() {
             return Err(QueueError::Failed);
         }
+        let mut msg = msg;
         let id = msg.id;
         let due = msg.received_ms;
-        let parts: [&[u8]; 2] = [&msg.head, &msg.content];
+        let (head, body) = (
+            std::mem::take(&mut msg.head),
+            std::mem::take(&mut msg.content),
+        );
+        let size = (head.len() + body.len()) as u64;
+        let parts: [&[u8]; 2] = [&head, &body];
         let sealed = self.inner.codec.seal_content(id, &parts)?;
         let content = match &sealed {
             Some(bytes) => self.inner.content.append_entry(id, true, &[bytes])?,
             None => self.inner.content.append_entry(id, false, &parts)?,
         };
         drop(sealed);
-        let (bytes, added) = match self.enqueue_record(msg, content) {
+        let (bytes, added) = match self.enqueue_record(msg, content, size) {
             Ok(b) => b,
             Err(e) => {
                 self.inner.content.release(&content);
@@ -610,6 +625,13 @@ impl Queue {
             return Err(e);
         }
         self.gauges_changed(None, Some(added));
+        // Kept for the first attempt; not yet due, so no delivery can look
+        // for it before it is here. A deletion that came first (the ID is
+        // listed from now on) finds nothing to forget: forgotten here.
+        self.inner.fresh.put(id, head, body);
+        if !self.inner.tree.contains_key(key(MSG, id)).unwrap_or(false) {
+            self.inner.fresh.remove(id);
+        }
         if let Err(e) = self.inner.commit.durable_announced(expected).await {
             self.undo_enqueue(id);
             return Err(e);
@@ -625,6 +647,7 @@ impl Queue {
         &self,
         msg: NewMessage,
         content: ContentRef,
+        size: u64,
     ) -> Result<(Vec<u8>, Contribution), QueueError> {
         let due = msg.received_ms;
         let mut seen = HashSet::new();
@@ -639,7 +662,7 @@ impl Queue {
             received_ms: msg.received_ms,
             tenant: msg.tenant,
             sender: msg.sender,
-            size: (msg.head.len() + msg.content.len()) as u64,
+            size,
             submission: msg.submission,
             held: false,
             recipients,
@@ -652,6 +675,7 @@ impl Queue {
     }
 
     fn undo_enqueue(&self, id: QueueId) {
+        self.inner.fresh.remove(id);
         // Best effort: the store just failed. If this fails too, recovery
         // keeps the message, and the client's retry may send it twice:
         // twice is acceptable, never zero times.
@@ -741,6 +765,22 @@ impl Queue {
             let due: [u8; 8] = k.get(1..9)?.try_into().ok()?;
             Some(u64::from_be_bytes(due))
         }))
+    }
+
+    /// Bytes of content kept in memory for first attempts (at most
+    /// [`QueueConfig::fresh_content_bytes`]).
+    pub fn fresh_content_bytes(&self) -> usize {
+        self.inner.fresh.bytes()
+    }
+
+    /// The content for a delivery attempt: the copy kept in memory since
+    /// the message was stored, if there is one (then no longer kept), else
+    /// [`content`](Self::content). See `fresh.rs`.
+    pub fn take_content(&self, id: QueueId) -> Result<Vec<u8>, QueueError> {
+        match self.inner.fresh.take(id) {
+            Some(content) => Ok(content),
+            None => self.content(id),
+        }
     }
 
     /// The stored content of a message, checked against its CRC. Safe
@@ -853,6 +893,9 @@ impl Queue {
         });
         claim.settle();
         let (after, released) = result?;
+        if released.is_some() {
+            self.inner.fresh.remove(id);
+        }
         self.inner.commit.durable().await?;
         if let Some(c) = released {
             self.inner.content.release(&c);
@@ -902,6 +945,7 @@ impl Queue {
         })?;
         drop(serial);
         let rec = removed.ok_or(QueueError::NotFound(id))?;
+        self.inner.fresh.remove(id);
         self.gauges_changed(Some(Contribution::of(&rec)), None);
         self.inner.commit.durable().await?;
         // Only once the removal is durable may the content go.
@@ -921,6 +965,9 @@ impl Queue {
         })?;
         if after == AfterOutcome::Gone {
             return Err(QueueError::NotFound(id));
+        }
+        if released.is_some() {
+            self.inner.fresh.remove(id);
         }
         self.inner.commit.durable().await?;
         if let Some(c) = released {
@@ -1798,6 +1845,7 @@ impl Inner {
     /// Takes a record out of the live queue into quarantine (`q<id>`),
     /// keeping its envelope as it was and its content where it is.
     fn quarantine(&self, id: QueueId, refused: Refused) {
+        self.fresh.remove(id);
         let _serial = self.serialize(id);
         let result = self.tree.transaction(|tx| {
             let Some(bytes) = tx.get(key(MSG, id))? else {

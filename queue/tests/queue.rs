@@ -862,3 +862,64 @@ async fn a_postponed_recipient_keeps_its_state_and_attempts() {
     let claim = q.claim_due(T0 + 10 * MIN, 10).unwrap().pop().unwrap();
     assert!(claim.record.recipients[0].next_attempt_ms > T0 + 10 * MIN);
 }
+
+/// A message just stored is kept in memory for its first attempt: taken
+/// once, then read from disk like any other; a deletion forgets it; the
+/// budget bounds what is kept, and what is not kept is read from disk.
+#[tokio::test]
+async fn a_fresh_message_is_taken_from_memory_once_and_within_the_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = QueueConfig::new(dir.path().join("queue"));
+    // Room for one message of `message`'s with a one-letter recipient.
+    let one = format!("Subject: hi\r\n\r\nbody for {:?}\r\n", ["a@d.example"]).len();
+    config.fresh_content_bytes = one + 10;
+    let (q, _) = reopen(&config);
+
+    let mut a = message(&q, T0, "acme", &["a@d.example"]);
+    a.head = b"X-Added: 1\r\n".to_vec();
+    let (a_id, a_whole) = (a.id, [a.head.clone(), a.content.clone()].concat());
+    q.enqueue(a).await.unwrap();
+    assert_eq!(
+        q.fresh_content_bytes(),
+        0,
+        "head and content over the budget"
+    );
+    assert_eq!(q.take_content(a_id).unwrap(), a_whole, "read from disk");
+
+    let b = message(&q, T0 + 1, "acme", &["b@d.example"]);
+    let (b_id, b_content) = (b.id, b.content.clone());
+    q.enqueue(b).await.unwrap();
+    assert_eq!(q.fresh_content_bytes(), b_content.len());
+    let c = message(&q, T0 + 2, "acme", &["c@d.example"]);
+    let (c_id, c_content) = (c.id, c.content.clone());
+    q.enqueue(c).await.unwrap();
+    assert_eq!(
+        q.fresh_content_bytes(),
+        b_content.len(),
+        "no room for a second"
+    );
+    assert_eq!(q.take_content(b_id).unwrap(), b_content);
+    assert_eq!(q.fresh_content_bytes(), 0, "taken");
+    assert_eq!(q.take_content(b_id).unwrap(), b_content, "then from disk");
+    assert_eq!(q.take_content(c_id).unwrap(), c_content);
+
+    let d = message(&q, T0 + 3, "acme", &["d@d.example"]);
+    let d_id = d.id;
+    q.enqueue(d).await.unwrap();
+    assert!(q.fresh_content_bytes() > 0);
+    q.delete(d_id).await.unwrap();
+    assert_eq!(q.fresh_content_bytes(), 0, "a deleted message is forgotten");
+    assert!(q.take_content(d_id).is_err());
+
+    let e = message(&q, T0 + 4, "acme", &["e@d.example"]);
+    let (e_id, e_content) = (e.id, e.content.clone());
+    q.enqueue(e).await.unwrap();
+    drop(q);
+    let (q, _) = reopen(&config);
+    assert_eq!(
+        q.fresh_content_bytes(),
+        0,
+        "memory does not survive a restart"
+    );
+    assert_eq!(q.take_content(e_id).unwrap(), e_content);
+}

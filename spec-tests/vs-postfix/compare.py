@@ -171,6 +171,9 @@ def run_bench(args, side, size, messages, warmup, label):
     else:
         dkim = "ed25519" if side == "mta-ed25519" else "rsa"
         cmd = [args.bench, "--mta", args.mta, "--deliver", "--dkim", dkim] + common
+    # The run before left its writes to the page cache: written back during
+    # this run, they would slow this side's fsyncs for the other's work.
+    os.sync()
     busy_before = wait_idle(args.quiet_wait, args.quiet_threshold) if args.quiet_wait else None
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     m0, t0 = machine_busy(), time.monotonic()

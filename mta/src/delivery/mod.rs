@@ -257,7 +257,8 @@ impl Delivery {
             }
             return;
         }
-        let results: Vec<(usize, RcptResult, Via)> = match self.queue.content(rec.id) {
+        // The first attempt usually finds the content still in memory.
+        let results: Vec<(usize, RcptResult, Via)> = match self.queue.take_content(rec.id) {
             Ok(content) => self.attempt(&rec, Arc::new(content), &due).await,
             Err(e) => {
                 tracing::error!(queue_id = %rec.id, error = %e, "cannot read a message's content");
