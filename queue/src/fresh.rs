@@ -18,16 +18,65 @@ use std::sync::Mutex;
 
 use crate::id::QueueId;
 
-/// A message's content in the parts it was stored in (see
-/// [`NewMessage::head`](crate::NewMessage::head)).
-struct Parts {
+/// A message's content as delivery gets it ([`Queue::take_content`]): the
+/// pieces it was stored in (see [`NewMessage::head`]), each but the last
+/// ending a line, so that each can be dot-stuffed and sent as it is rather
+/// than joined first.
+///
+/// [`Queue::take_content`]: crate::Queue::take_content
+/// [`NewMessage::head`]: crate::NewMessage::head
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Content {
     head: Vec<u8>,
     body: Vec<u8>,
 }
 
-impl Parts {
-    fn len(&self) -> usize {
+impl Content {
+    /// Content in `head` then `body`. A head that does not end a line is
+    /// joined to the body, so that every piece but the last ends one.
+    pub fn new(mut head: Vec<u8>, body: Vec<u8>) -> Content {
+        if head.is_empty() || head.ends_with(b"\r\n") {
+            return Content { head, body };
+        }
+        head.extend_from_slice(&body);
+        Content {
+            head: Vec::new(),
+            body: head,
+        }
+    }
+
+    pub fn len(&self) -> usize {
         self.head.len() + self.body.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The pieces in order, empty ones left out.
+    pub fn pieces(&self) -> impl Iterator<Item = &[u8]> {
+        [self.head.as_slice(), self.body.as_slice()]
+            .into_iter()
+            .filter(|p| !p.is_empty())
+    }
+
+    /// The content in one piece.
+    pub fn into_vec(self) -> Vec<u8> {
+        let Content { mut head, body } = self;
+        if head.is_empty() {
+            return body;
+        }
+        head.extend_from_slice(&body);
+        head
+    }
+}
+
+impl From<Vec<u8>> for Content {
+    fn from(body: Vec<u8>) -> Content {
+        Content {
+            head: Vec::new(),
+            body,
+        }
     }
 }
 
@@ -39,7 +88,7 @@ pub(crate) struct FreshContent {
 #[derive(Default)]
 struct Held {
     bytes: usize,
-    messages: HashMap<QueueId, Parts>,
+    messages: HashMap<QueueId, Content>,
 }
 
 impl FreshContent {
@@ -59,7 +108,7 @@ impl FreshContent {
 
     /// Keeps a message just made durable, if it fits in the budget.
     pub(crate) fn put(&self, id: QueueId, head: Vec<u8>, body: Vec<u8>) {
-        let parts = Parts { head, body };
+        let parts = Content::new(head, body);
         let len = parts.len();
         if self.budget == 0 || len > self.budget {
             return;
@@ -74,23 +123,12 @@ impl FreshContent {
         }
     }
 
-    /// The content of `id` in one piece, if it is kept; it is kept no more.
-    pub(crate) fn take(&self, id: QueueId) -> Option<Vec<u8>> {
-        let parts = {
-            let mut held = self.held();
-            let parts = held.messages.remove(&id)?;
-            held.bytes -= parts.len();
-            parts
-        };
-        // Joined outside the lock: the one copy, in place of a read and a
-        // decryption.
-        let Parts { mut head, body } = parts;
-        if head.is_empty() {
-            return Some(body);
-        }
-        head.reserve_exact(body.len());
-        head.extend_from_slice(&body);
-        Some(head)
+    /// The content of `id`, if it is kept; it is kept no more.
+    pub(crate) fn take(&self, id: QueueId) -> Option<Content> {
+        let mut held = self.held();
+        let parts = held.messages.remove(&id)?;
+        held.bytes -= parts.len();
+        Some(parts)
     }
 
     /// Forgets `id` (deleted, quarantined, delivered).
@@ -121,10 +159,31 @@ mod tests {
         fresh.put(id(1), b"Head: 1\r\n".to_vec(), b"body\r\n".to_vec());
         fresh.put(id(2), Vec::new(), b"only body\r\n".to_vec());
         assert_eq!(fresh.bytes(), 15 + 11);
-        assert_eq!(fresh.take(id(1)).unwrap(), b"Head: 1\r\nbody\r\n");
+        let one = fresh.take(id(1)).unwrap();
+        assert_eq!(
+            one.pieces().collect::<Vec<_>>(),
+            [b"Head: 1\r\n".as_slice(), b"body\r\n"]
+        );
+        assert_eq!(one.into_vec(), b"Head: 1\r\nbody\r\n");
         assert_eq!(fresh.take(id(1)), None, "taken once");
-        assert_eq!(fresh.take(id(2)).unwrap(), b"only body\r\n");
+        assert_eq!(fresh.take(id(2)).unwrap().into_vec(), b"only body\r\n");
         assert_eq!(fresh.bytes(), 0);
+    }
+
+    #[test]
+    fn every_piece_but_the_last_ends_a_line() {
+        let split = Content::new(b"A: 1\r\n".to_vec(), b"B: 2\r\n\r\nx".to_vec());
+        assert_eq!(split.pieces().count(), 2);
+        assert_eq!(split.len(), 15);
+        let joined = Content::new(b"A: 1".to_vec(), b"\r\n\r\nx".to_vec());
+        assert_eq!(
+            joined.pieces().collect::<Vec<_>>(),
+            [b"A: 1\r\n\r\nx".as_slice()]
+        );
+        let body_only = Content::from(b"x\r\n".to_vec());
+        assert_eq!(body_only.pieces().count(), 1);
+        assert!(Content::from(Vec::new()).is_empty());
+        assert_eq!(Content::from(Vec::new()).pieces().count(), 0);
     }
 
     #[test]

@@ -107,6 +107,7 @@ pub use codec::QuarantineKind;
 pub use commit::{CommitStats, ExpectedWrite};
 pub use crypt::{KEY_LEN, KeyError, KeyId, QueueKeys};
 pub use error::QueueError;
+pub use fresh::Content;
 pub use gauges::{QueueShape, StateTotals};
 pub use id::{ParseQueueIdError, QueueId};
 pub use record::{

@@ -34,7 +34,7 @@ use crate::commit::{CommitStats, ExpectedWrite, GroupCommit};
 use crate::content::{ContentLog, ContentRef};
 use crate::crypt::{KeyId, QueueKeys, SEALED_PREFIX};
 use crate::error::QueueError;
-use crate::fresh::FreshContent;
+use crate::fresh::{Content, FreshContent};
 use crate::gauges::{Contribution, Gauges, QueueShape};
 use crate::id::{IdGenerator, QueueId};
 use crate::record::{MessageRecord, MessageState, RecipientRecord, RecipientState, Submission};
@@ -776,10 +776,10 @@ impl Queue {
     /// The content for a delivery attempt: the copy kept in memory since
     /// the message was stored, if there is one (then no longer kept), else
     /// [`content`](Self::content). See `fresh.rs`.
-    pub fn take_content(&self, id: QueueId) -> Result<Vec<u8>, QueueError> {
+    pub fn take_content(&self, id: QueueId) -> Result<Content, QueueError> {
         match self.inner.fresh.take(id) {
             Some(content) => Ok(content),
-            None => self.content(id),
+            None => self.content(id).map(Content::from),
         }
     }
 

@@ -884,7 +884,11 @@ async fn a_fresh_message_is_taken_from_memory_once_and_within_the_budget() {
         0,
         "head and content over the budget"
     );
-    assert_eq!(q.take_content(a_id).unwrap(), a_whole, "read from disk");
+    assert_eq!(
+        q.take_content(a_id).unwrap().into_vec(),
+        a_whole,
+        "read from disk"
+    );
 
     let b = message(&q, T0 + 1, "acme", &["b@d.example"]);
     let (b_id, b_content) = (b.id, b.content.clone());
@@ -898,10 +902,14 @@ async fn a_fresh_message_is_taken_from_memory_once_and_within_the_budget() {
         b_content.len(),
         "no room for a second"
     );
-    assert_eq!(q.take_content(b_id).unwrap(), b_content);
+    assert_eq!(q.take_content(b_id).unwrap().into_vec(), b_content);
     assert_eq!(q.fresh_content_bytes(), 0, "taken");
-    assert_eq!(q.take_content(b_id).unwrap(), b_content, "then from disk");
-    assert_eq!(q.take_content(c_id).unwrap(), c_content);
+    assert_eq!(
+        q.take_content(b_id).unwrap().into_vec(),
+        b_content,
+        "then from disk"
+    );
+    assert_eq!(q.take_content(c_id).unwrap().into_vec(), c_content);
 
     let d = message(&q, T0 + 3, "acme", &["d@d.example"]);
     let d_id = d.id;
@@ -921,5 +929,5 @@ async fn a_fresh_message_is_taken_from_memory_once_and_within_the_budget() {
         0,
         "memory does not survive a restart"
     );
-    assert_eq!(q.take_content(e_id).unwrap(), e_content);
+    assert_eq!(q.take_content(e_id).unwrap().into_vec(), e_content);
 }

@@ -367,7 +367,7 @@ impl Connection {
     pub async fn send(
         &mut self,
         env: Envelope<'_>,
-        content: &[u8],
+        content: &queue::Content,
     ) -> Result<Vec<RcptResult>, Failure> {
         self.content_sent = false;
         let result = self.transaction(env, content).await;
@@ -381,7 +381,7 @@ impl Connection {
     async fn transaction(
         &mut self,
         env: Envelope<'_>,
-        content: &[u8],
+        content: &queue::Content,
     ) -> Result<Vec<RcptResult>, Failure> {
         let host = self.info.host.clone();
         let caps = self.caps;
@@ -501,10 +501,17 @@ impl Connection {
                 }
                 return Ok(results);
             }
-            let (body, end) = dot_stuffed(content);
             let client = &mut self.client;
             timed(self.timeouts.data, async {
-                client.stream.write_all(&body).await?;
+                // Piece by piece, as stored: each but the last ends a line,
+                // so each is stuffed on its own, and only the last's end
+                // of data is sent.
+                let mut end: &[u8] = b".\r\n";
+                for piece in content.pieces() {
+                    let (body, piece_end) = dot_stuffed(piece);
+                    client.stream.write_all(&body).await?;
+                    end = piece_end;
+                }
                 client.stream.write_all(end).await?;
                 client.stream.flush().await?;
                 client.read().await
@@ -517,7 +524,9 @@ impl Connection {
                     .stream
                     .write_all(format!("BDAT {} LAST\r\n", content.len()).as_bytes())
                     .await?;
-                client.stream.write_all(content).await?;
+                for piece in content.pieces() {
+                    client.stream.write_all(piece).await?;
+                }
                 client.stream.flush().await?;
                 client.read().await
             })

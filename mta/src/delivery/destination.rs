@@ -21,7 +21,7 @@ pub struct Job {
     pub queue_id: String,
     pub sender: String,
     pub recipients: Vec<String>,
-    pub content: Arc<Vec<u8>>,
+    pub content: Arc<queue::Content>,
     pub smtputf8: bool,
     pub body_8bit: bool,
     /// The source the message must leave from (SPF), if pinned.

@@ -279,7 +279,7 @@ impl Delivery {
     async fn attempt(
         self: &Arc<Self>,
         rec: &MessageRecord,
-        content: Arc<Vec<u8>>,
+        content: Arc<queue::Content>,
         due: &[usize],
     ) -> Vec<(usize, RcptResult, Via)> {
         let mut groups: BTreeMap<String, Vec<usize>> = BTreeMap::new();
