@@ -295,7 +295,7 @@ def main():
     ap.add_argument("--postfix-dkim-records", required=True)
     ap.add_argument("--results", required=True)
     ap.add_argument("--sizes", default="1,10,100")
-    ap.add_argument("--messages", default="1=6000,10=6000,100=1500",
+    ap.add_argument("--messages", default="1=6000,10=6000,100=3000",
                     help="messages per measured run, by size in KiB")
     ap.add_argument("--warmup", type=int, default=1000,
                     help="messages bench sends before measuring (a tenth at 100 KiB)")
