@@ -10,6 +10,7 @@
 //! Trust boundary: everything the remote server says is untrusted and only
 //! ever becomes a [`Reply`] in a log record or a DSN.
 
+use std::io::IoSlice;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
@@ -202,6 +203,22 @@ async fn tcp_connect(
             format!("no answer within {}", humantime::format_duration(limit)),
         )),
     }
+}
+
+/// Writes every buffer, as few system calls as the stream allows.
+async fn write_all_vectored<W: tokio::io::AsyncWrite + Unpin>(
+    w: &mut W,
+    mut bufs: &mut [IoSlice<'_>],
+) -> std::io::Result<()> {
+    IoSlice::advance_slices(&mut bufs, 0);
+    while !bufs.is_empty() {
+        let n = w.write_vectored(bufs).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut bufs, n);
+    }
+    Ok(())
 }
 
 /// Dot-stuffs CRLF-terminated content for DATA (RFC 5321 §4.5.2) and adds
@@ -505,14 +522,17 @@ impl Connection {
             timed(self.timeouts.data, async {
                 // Piece by piece, as stored: each but the last ends a line,
                 // so each is stuffed on its own, and only the last's end
-                // of data is sent.
+                // of data is sent. All in one write where the stream can.
                 let mut end: &[u8] = b".\r\n";
+                let mut stuffed = Vec::with_capacity(3);
                 for piece in content.pieces() {
                     let (body, piece_end) = dot_stuffed(piece);
-                    client.stream.write_all(&body).await?;
+                    stuffed.push(body);
                     end = piece_end;
                 }
-                client.stream.write_all(end).await?;
+                let mut bufs: Vec<IoSlice<'_>> = stuffed.iter().map(|b| IoSlice::new(b)).collect();
+                bufs.push(IoSlice::new(end));
+                write_all_vectored(&mut client.stream, &mut bufs).await?;
                 client.stream.flush().await?;
                 client.read().await
             })
@@ -524,9 +544,8 @@ impl Connection {
                     .stream
                     .write_all(format!("BDAT {} LAST\r\n", content.len()).as_bytes())
                     .await?;
-                for piece in content.pieces() {
-                    client.stream.write_all(piece).await?;
-                }
+                let mut bufs: Vec<IoSlice<'_>> = content.pieces().map(IoSlice::new).collect();
+                write_all_vectored(&mut client.stream, &mut bufs).await?;
                 client.stream.flush().await?;
                 client.read().await
             })
