@@ -108,8 +108,8 @@ impl FreshContent {
 
     /// Keeps a message just made durable, if it fits in the budget.
     pub(crate) fn put(&self, id: QueueId, head: Vec<u8>, body: Vec<u8>) {
-        let parts = Content::new(head, body);
-        let len = parts.len();
+        let content = Content::new(head, body);
+        let len = content.len();
         if self.budget == 0 || len > self.budget {
             return;
         }
@@ -118,7 +118,7 @@ impl FreshContent {
             return;
         }
         held.bytes += len;
-        if let Some(old) = held.messages.insert(id, parts) {
+        if let Some(old) = held.messages.insert(id, content) {
             held.bytes -= old.len();
         }
     }
@@ -126,16 +126,16 @@ impl FreshContent {
     /// The content of `id`, if it is kept; it is kept no more.
     pub(crate) fn take(&self, id: QueueId) -> Option<Content> {
         let mut held = self.held();
-        let parts = held.messages.remove(&id)?;
-        held.bytes -= parts.len();
-        Some(parts)
+        let content = held.messages.remove(&id)?;
+        held.bytes -= content.len();
+        Some(content)
     }
 
     /// Forgets `id` (deleted, quarantined, delivered).
     pub(crate) fn remove(&self, id: QueueId) {
         let mut held = self.held();
-        if let Some(parts) = held.messages.remove(&id) {
-            held.bytes -= parts.len();
+        if let Some(content) = held.messages.remove(&id) {
+            held.bytes -= content.len();
         }
     }
 

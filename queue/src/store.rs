@@ -583,13 +583,12 @@ impl Queue {
 
     async fn enqueue_announced(
         &self,
-        msg: NewMessage,
+        mut msg: NewMessage,
         expected: Option<ExpectedWrite>,
     ) -> Result<Enqueued, QueueError> {
         if self.inner.commit.is_failed() {
             return Err(QueueError::Failed);
         }
-        let mut msg = msg;
         let id = msg.id;
         let due = msg.received_ms;
         let (head, body) = (
