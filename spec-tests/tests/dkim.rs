@@ -154,6 +154,19 @@ fn samples() -> Vec<Sample> {
                 "Unsubscribe any time.\r\n",
             ),
         },
+        Sample {
+            // Above mta's INLINE_SIGN_BYTES: signed on the blocking pool
+            // rather than on the session's task.
+            name: "large",
+            params: "",
+            content: with(
+                "large",
+                "Subject: A long newsletter\r\n",
+                &(0..8000)
+                    .map(|i| format!("Paragraph {i} of a long newsletter, as campaigns send.\r\n"))
+                    .collect::<String>(),
+            ),
+        },
     ]
 }
 
@@ -294,6 +307,12 @@ fn every_message_is_dual_signed_and_verifies_with_two_independent_verifiers() {
     ));
     let work = tempfile::tempdir().unwrap();
     let samples = samples();
+    assert!(
+        samples
+            .iter()
+            .any(|s| s.content.len() > mta::sign::INLINE_SIGN_BYTES),
+        "a sample is signed on the blocking pool"
+    );
     for s in &samples {
         let id = submit(&server, "news@acme.example", s.params, &s.content);
         let message = stored(&server, &id);

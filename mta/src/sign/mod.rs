@@ -10,9 +10,14 @@
 //! Date, Message-ID and List-Unsubscribe over-signed (listed once more than
 //! they occur) so that none can be added after signing.
 //!
-//! RSA signing costs a fraction of a millisecond of CPU, so it runs on the
-//! blocking pool, at most one signing per core at a time, never on the
-//! threads that answer SMTP.
+//! A message up to [`INLINE_SIGN_BYTES`] is signed on the session's own
+//! task, at most one signing per core at a time; a larger one, whose
+//! canonicalization and hashing would hold a runtime thread for
+//! milliseconds, on the blocking pool. Signing on the blocking pool was
+//! measured to cost more than it saves: each RSA signature (about 1 ms of
+//! CPU) put one more runnable thread on the cores, and the kernel left
+//! the runtime's threads waiting behind it while the other core idled
+//! (docs/performance.md, "Signing where the session runs").
 //!
 //! The signature is built here (`dkim.rs`, `canon.rs`) rather than by
 //! mail-auth's signer: canonicalization over whole runs of lines and one
@@ -62,6 +67,12 @@ pub struct SigningPolicy {
     /// Fallback signing domain per tenant.
     pub tenant_domains: Vec<(String, String)>,
 }
+
+/// Messages up to this size (with the fields added on top) are signed on
+/// the session's task: canonicalizing and hashing 256 KiB takes about a
+/// quarter of a millisecond here (`bench --sign-only --size-kb 256`), a
+/// third of an RSA-2048 signature.
+pub const INLINE_SIGN_BYTES: usize = 256 * 1024;
 
 /// The signing step of reception.
 pub struct Signer {
@@ -130,8 +141,8 @@ impl Signer {
         (!keys.is_empty()).then_some((fallback, keys))
     }
 
-    /// Signs a message (off the reactor), or says why not: `Err` is the
-    /// reply refusing the message.
+    /// Signs a message, or says why not: `Err` is the reply refusing the
+    /// message.
     pub async fn sign(
         &self,
         message: Arc<Vec<u8>>,
@@ -177,12 +188,16 @@ impl Signer {
         let _permit = self.permits.acquire().await.expect("never closed");
         let expiration = self.policy().expiration;
         let started = Instant::now();
-        let result = tokio::task::spawn_blocking(move || {
+        let result = if on_top.len() + message.len() <= INLINE_SIGN_BYTES {
             sign_message_below(&keys, &domain, &on_top, &message, now, expiration)
-        })
-        .await
-        .map_err(|e| e.to_string())
-        .and_then(|r| r);
+        } else {
+            tokio::task::spawn_blocking(move || {
+                sign_message_below(&keys, &domain, &on_top, &message, now, expiration)
+            })
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r)
+        };
         self.metrics
             .dkim_signing_seconds
             .observe(started.elapsed().as_secs_f64());
