@@ -9,7 +9,8 @@
 #
 # Options: --bin-dir DIR (where `mta` and `bench` are; default target/release),
 # --results DIR (default $STATE/results/<time>), and after `--` anything for
-# compare.py (e.g. -- --sizes 10 --runs 5).
+# compare.py (e.g. -- --sizes 10 --runs 5). Each run also writes pooled.md;
+# spec-tests/vs-postfix/pool.py DIR... pools the rounds of several runs.
 #
 # As root. Installs postfix and opendkim from Debian's packages if missing
 # (non-interactively, no service started, units left disabled), runs an
@@ -240,6 +241,10 @@ main() {
     DRIVER_PID=""
     rm -f "$STATE/run/driver.pid"
     [ "$rc" = 0 ] || die "the comparison failed (exit $rc); see $RESULTS"
+    # The pooled medians read what compare.py wrote: the smoke run checks
+    # that they still agree.
+    python3 "$HERE/pool.py" "$RESULTS" > "$RESULTS/pooled.md" \
+        || die "pool.py could not read $RESULTS/results.json"
     log "results in $RESULTS"
 }
 
