@@ -1846,14 +1846,20 @@ impl Inner {
     fn quarantine(&self, id: QueueId, refused: Refused) {
         self.fresh.remove(id);
         let _serial = self.serialize(id);
+        // What the record counted for in the gauges, when it can still be
+        // read (bad content, or a record that decodes); a record tampered
+        // with while the daemon runs stays counted until the next start.
+        let counted = std::cell::Cell::new(None);
         let result = self.tree.transaction(|tx| {
+            counted.set(None);
             let Some(bytes) = tx.get(key(MSG, id))? else {
                 return Ok(false);
             };
-            if let Ok(rec) = self.codec.decode(id, &bytes)
-                && let Some(s) = rec.scheduled_ms
-            {
-                tx.remove(&sched_key(s, id))?;
+            if let Ok(rec) = self.codec.decode(id, &bytes) {
+                counted.set(Some(Contribution::of(&rec)));
+                if let Some(s) = rec.scheduled_ms {
+                    tx.remove(&sched_key(s, id))?;
+                }
             }
             let entry = QuarantineEntry {
                 kind: refused.kind,
@@ -1865,11 +1871,16 @@ impl Inner {
             Ok::<_, ConflictableTransactionError<QueueError>>(true)
         });
         match result {
-            Ok(true) => tracing::error!(
-                queue_id = %id,
-                reason = %refused.reason,
-                "queue record quarantined: it will not be delivered; it is kept for a postmaster (mta queue list)"
-            ),
+            Ok(true) => {
+                if let (Some(g), Some(c)) = (&self.gauges, counted.get()) {
+                    g.changed(Some(c), None);
+                }
+                tracing::error!(
+                    queue_id = %id,
+                    reason = %refused.reason,
+                    "queue record quarantined: it will not be delivered; it is kept for a postmaster (mta queue list)"
+                )
+            }
             Ok(false) => {}
             Err(e) => {
                 tracing::error!(queue_id = %id, error = %e, reason = %refused.reason, "could not quarantine a queue record")

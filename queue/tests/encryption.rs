@@ -340,6 +340,11 @@ async fn tampered_content_is_quarantined_when_read_and_never_delivered() {
     let (q, _) = open(&config(dir.path(), Some(&keys)));
     let (id, _) = enqueue(&q, T0, 1).await;
     q.sync().unwrap();
+    let messages = |q: &Queue| {
+        let s = q.shape().expect("a running queue keeps its shape");
+        s.queued.messages + s.deferred.messages + s.held.messages
+    };
+    assert_eq!(messages(&q), 1);
     let seg = files_under(&dir.path().join("queue/content"))
         .pop()
         .unwrap();
@@ -370,6 +375,8 @@ async fn tampered_content_is_quarantined_when_read_and_never_delivered() {
     let quarantined = q.quarantined().unwrap();
     assert_eq!(quarantined.len(), 1);
     assert_eq!(quarantined[0].kind, QuarantineKind::Content);
+    // Out of the gauges at once, not only after a restart.
+    assert_eq!(messages(&q), 0);
     q.sync().unwrap();
     drop(q);
     let (q, report) = open(&config(dir.path(), Some(&keys)));
